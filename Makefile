@@ -1,0 +1,47 @@
+# Set-up is part of every target: `make run` and `make test` create .venv and install what is
+# missing (idempotent: a stamp per pyproject.toml content makes a second call fast).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+RESULTS ?= results
+
+.PHONY: run test lint format install clean bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+# Real data: Debian's dataset-fashion-mnist (70k real images), installed when missing and root.
+$(FMNIST):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' or set A2MIM_FASHION_MNIST_DIR"; exit 1; \
+	fi
+
+run: install $(FMNIST)
+	$(PY) -m a2mim.cli demo --out $(RESULTS)/demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: install $(FMNIST) lint
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/step_overhead.py
+
+clean:
+	rm -rf $(VENV) $(RESULTS) .pytest_cache .ruff_cache
