@@ -26,8 +26,16 @@ $(FMNIST):
 	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' or set A2MIM_FASHION_MNIST_DIR"; exit 1; \
 	fi
 
+# Until the Snakemake workflow lands, `make run` runs the most complete real job that exists:
+# real Fashion-MNIST -> A²MIM and SimMIM pre-training at toy scale -> reconstruction figures.
 run: install $(FMNIST)
-	$(PY) -m a2mim.cli demo --out $(RESULTS)/demo
+	$(VENV)/bin/a2mim prepare fashion-mnist --out $(RESULTS)/data/fashion-mnist-tiny \
+	  --train-per-class 200 --val-per-class 50
+	$(VENV)/bin/a2mim pretrain --config tiny --out $(RESULTS)/runs/pretrain_tiny_a2mim_resnet18 \
+	  --set progress=false
+	$(VENV)/bin/a2mim pretrain --config tiny --out $(RESULTS)/runs/pretrain_tiny_simmim_resnet18 \
+	  --set progress=false --set model.preset=simmim_resnet18
+	@echo "figures: $$(ls $(RESULTS)/runs/pretrain_tiny_*/figures/*.png | tr '\n' ' ')"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,62 @@
+"""Atomic checkpoints of plain tensors and metadata, loaded with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``), naming the file on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+
+
+def load_encoder_strict(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], source: str
+) -> None:
+    """Load timm-keyed encoder weights strictly, with a readable diff on any mismatch."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
+    if missing or unexpected or shape:
+        lines = [f"encoder weights from {source} do not match the model:"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shape)):
+            if keys:
+                shown = ", ".join(keys[:8]) + (
+                    f", ... ({len(keys)} in all)" if len(keys) > 8 else ""
+                )
+                lines.append(f"  {title} keys: {shown}")
+        lines.append("  check that the checkpoint's backbone matches the config's backbone")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state, strict=True)
