@@ -3,12 +3,11 @@ prediction pasted into the visible pixels."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from a2mim.atomic import atomic_path
 from a2mim.data.transforms import denormalize
 
 
@@ -52,13 +51,9 @@ def save_reconstruction_figure(
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path

@@ -22,7 +22,13 @@ def adapter_classes() -> list[type[BackboneAdapter]]:
     for info in pkgutil.iter_modules(__path__):
         if info.name != "base":
             importlib.import_module(f"{__name__}.{info.name}")
-    return sorted(BackboneAdapter.__subclasses__(), key=lambda cls: cls.family)
+    found, todo = [], list(BackboneAdapter.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if "family" in vars(cls):  # concrete families; abstract bases define no family
+            found.append(cls)
+    return sorted(found, key=lambda cls: cls.family)
 
 
 def adapt(model: nn.Module) -> BackboneAdapter:

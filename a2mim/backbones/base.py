@@ -128,3 +128,73 @@ class BackboneAdapter(ABC):
             if info["module"] == module:
                 return PointSpec(channels=int(info["num_chs"]), stride=int(info["reduction"]))
         raise KeyError(f"{module!r} is not in the model's feature_info")
+
+
+class StagedAdapter(BackboneAdapter):
+    """Shared contract of hierarchical backbones: a stem, then N stages.
+
+    Points: ``stem`` (the stem's output) and ``stage1`` .. ``stageN`` (stage outputs).
+    Subclasses say where the stem and stages are, the stem's spec, the ``feature_info`` module
+    name of each stage, and whether features are channels-last ``(B, H, W, C)``.
+    """
+
+    #: True for ``(B, H, W, C)`` features (Swin), False for ``(B, C, H, W)``.
+    channels_last: ClassVar[bool] = False
+
+    @abstractmethod
+    def stem(self, img_bchw: torch.Tensor) -> torch.Tensor:
+        """The stem's output."""
+
+    @abstractmethod
+    def stages(self) -> list[nn.Module]:
+        """The stage modules in forward order."""
+
+    @abstractmethod
+    def stem_spec(self) -> PointSpec:
+        """Channels and stride of the stem's output (derived from module attributes)."""
+
+    @abstractmethod
+    def stage_module(self, index: int) -> str:
+        """The ``feature_info`` module name of stage ``index`` (0-based)."""
+
+    def head(self, feats: torch.Tensor) -> torch.Tensor:
+        """What timm applies after the last stage in ``forward_features`` (a norm or nothing)."""
+        return feats
+
+    @property
+    def points(self) -> tuple[str, ...]:
+        return ("stem", *(f"stage{i}" for i in range(1, len(self.stages()) + 1)))
+
+    @property
+    def first_point(self) -> str:
+        return "stem"
+
+    def point_spec(self, point: str) -> PointSpec:
+        self.check_point(point)
+        if point == "stem":
+            return self.stem_spec()
+        return self._feature_info(self.stage_module(int(point[5:]) - 1))
+
+    def final_spec(self) -> PointSpec:
+        return self._feature_info(self.stage_module(len(self.stages()) - 1))
+
+    def forward_features(
+        self, img_bchw: torch.Tensor, point: str | None = None, edit: Edit | None = None
+    ) -> torch.Tensor:
+        x = self.stem(img_bchw)
+        if point == "stem" and edit is not None:
+            x = edit(x)
+        for i, stage in enumerate(self.stages(), start=1):
+            x = stage(x)
+            if point == f"stage{i}" and edit is not None:
+                x = edit(x)
+        return self.head(x)
+
+    def final_to_bchw(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats.permute(0, 3, 1, 2) if self.channels_last else feats
+
+    def mask_at(self, mask_bhw: torch.Tensor, point: str) -> torch.Tensor:
+        return mask_bhw[..., None] if self.channels_last else mask_bhw[:, None]
+
+    def channel_view(self, vec_c: torch.Tensor, point: str) -> torch.Tensor:
+        return vec_c.view(1, 1, 1, -1) if self.channels_last else vec_c.view(1, -1, 1, 1)

@@ -9,50 +9,28 @@ from __future__ import annotations
 
 import torch
 from timm.models.swin_transformer import SwinTransformer
+from torch import nn
 
-from a2mim.backbones.base import BackboneAdapter, Edit, PointSpec
+from a2mim.backbones.base import PointSpec, StagedAdapter
 
 
-class SwinAdapter(BackboneAdapter):
+class SwinAdapter(StagedAdapter):
     family = "swin"
     model_types = (SwinTransformer,)
+    channels_last = True
 
-    @property
-    def points(self) -> tuple[str, ...]:
-        return ("stem", *tuple(f"stage{i}" for i in range(1, len(self.model.layers) + 1)))
+    def stem(self, img_bchw: torch.Tensor) -> torch.Tensor:
+        return self.model.patch_embed(img_bchw)
 
-    @property
-    def first_point(self) -> str:
-        return "stem"
+    def stages(self) -> list[nn.Module]:
+        return list(self.model.layers)
 
-    def point_spec(self, point: str) -> PointSpec:
-        self.check_point(point)
-        if point == "stem":
-            pe = self.model.patch_embed
-            return PointSpec(channels=int(pe.proj.out_channels), stride=int(pe.patch_size[0]))
-        return self._feature_info(f"layers.{int(point[5:]) - 1}")
+    def stage_module(self, index: int) -> str:
+        return f"layers.{index}"
 
-    def final_spec(self) -> PointSpec:
-        return self._feature_info(f"layers.{len(self.model.layers) - 1}")
+    def stem_spec(self) -> PointSpec:
+        pe = self.model.patch_embed
+        return PointSpec(channels=int(pe.proj.out_channels), stride=int(pe.patch_size[0]))
 
-    def forward_features(
-        self, img_bchw: torch.Tensor, point: str | None = None, edit: Edit | None = None
-    ) -> torch.Tensor:
-        m = self.model
-        x = m.patch_embed(img_bchw)
-        if point == "stem" and edit is not None:
-            x = edit(x)
-        for i, layer in enumerate(m.layers, start=1):
-            x = layer(x)
-            if point == f"stage{i}" and edit is not None:
-                x = edit(x)
-        return m.norm(x)
-
-    def final_to_bchw(self, feats: torch.Tensor) -> torch.Tensor:
-        return feats.permute(0, 3, 1, 2)
-
-    def mask_at(self, mask_bhw: torch.Tensor, point: str) -> torch.Tensor:
-        return mask_bhw[..., None]
-
-    def channel_view(self, vec_c: torch.Tensor, point: str) -> torch.Tensor:
-        return vec_c.view(1, 1, 1, -1)
+    def head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(feats)

@@ -23,6 +23,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from a2mim import atomic
 from a2mim.analysis.reconstruction import reconstruction_panels, save_reconstruction_figure
 from a2mim.config import ConfigError, from_dict, to_dict
 from a2mim.data.imagefolder import ImageFolderDataset
@@ -98,12 +99,6 @@ def config_hash(cfg: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def run(cfg: PretrainConfig, out_dir: str | Path) -> dict[str, float]:
     """Pre-train (or resume) into ``out_dir``; returns the final metrics."""
     out = Path(out_dir)
@@ -140,7 +135,7 @@ def run(cfg: PretrainConfig, out_dir: str | Path) -> dict[str, float]:
         "mim": to_dict(mim_cfg),
     }
     if rank == 0:
-        _atomic_text(
+        atomic.write_text(
             out / "resolved_config.yaml",
             yaml.safe_dump(
                 {"stage": "pretrain", **to_dict(cfg), "derived": derived}, sort_keys=False
@@ -289,7 +284,7 @@ def run(cfg: PretrainConfig, out_dir: str | Path) -> dict[str, float]:
         checkpoint.atomic_save(
             {"state_dict": model.encoder_state_dict(), "meta": meta}, out / "encoder.pt"
         )
-        _atomic_text(out / "metrics.json", json.dumps(metrics, indent=2))
+        atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -298,7 +293,7 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-    _atomic_text(path, "".join(ln + "\n" for ln in keep))
+    atomic.write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def _figure_batch(cfg: PretrainConfig, mim_cfg: MIMConfig):
