@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 RESULTS ?= results
 
-.PHONY: run test lint format install clean bench
+.PHONY: run test lint format install clean bench slurm-deps
 
 install: $(STAMP)
 
@@ -45,7 +45,11 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: install $(FMNIST) lint
+# SLURM daemons for the real-cluster tests (Debian packages; skipped with the reason when not root).
+slurm-deps:
+	@bash .ci/install_slurm.sh
+
+test: install $(FMNIST) slurm-deps lint
 	$(PY) -m pytest -q
 
 bench: install
