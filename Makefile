@@ -32,9 +32,10 @@ run: install $(FMNIST)
 	$(VENV)/bin/a2mim prepare fashion-mnist --out $(RESULTS)/data/fashion-mnist-tiny \
 	  --train-per-class 200 --val-per-class 50
 	$(VENV)/bin/a2mim pretrain --config tiny --out $(RESULTS)/runs/pretrain_tiny_a2mim_resnet18 \
-	  --set progress=false
+	  --set progress=false --set data.root=$(RESULTS)/data/fashion-mnist-tiny
 	$(VENV)/bin/a2mim pretrain --config tiny --out $(RESULTS)/runs/pretrain_tiny_simmim_resnet18 \
-	  --set progress=false --set model.preset=simmim_resnet18
+	  --set progress=false --set data.root=$(RESULTS)/data/fashion-mnist-tiny \
+	  --set model.preset=simmim_resnet18
 	@echo "figures: $$(ls $(RESULTS)/runs/pretrain_tiny_*/figures/*.png | tr '\n' ' ')"
 
 lint: install
