@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -92,14 +91,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             if type(None) in args:
                 return None
             raise ConfigError(f"{where}: must not be null")
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(arg, value, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue
         raise ConfigError(f"{where}: {value!r} matches none of {_type_name(tp)}")
     if origin is Literal:
         allowed = get_args(tp)
@@ -152,4 +150,4 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-__all__ = ["ConfigError", "from_dict", "load_yaml", "to_dict", "typing"]
+__all__ = ["ConfigError", "from_dict", "load_yaml", "to_dict"]

@@ -10,7 +10,6 @@ bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -338,4 +337,4 @@ def load_config(data: dict[str, Any], where: str = "config") -> PretrainConfig:
     return cfg
 
 
-__all__ = ["DataConfig", "ModelConfig", "PretrainConfig", "dataclasses", "load_config", "run"]
+__all__ = ["DataConfig", "ModelConfig", "PretrainConfig", "load_config", "run"]
