@@ -3,6 +3,8 @@
 Commands
   prepare fashion-mnist   write real Fashion-MNIST as an ImageFolder (train/<class>, val/<class>)
   pretrain                A²MIM / SimMIM pre-training (resumes from --out when interrupted)
+  finetune                fine-tune a pretrain encoder.pt (--init) or train from scratch
+  linprobe                linear probe on frozen features of a pretrain encoder.pt (--init)
   presets                 list the method presets and the recipes shipped with the package
 """
 
@@ -68,6 +70,30 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from a2mim.stages import finetune
+
+    data = _stage_config("finetune", args)
+    if args.init is not None:
+        data["init"] = str(args.init)
+    cfg = finetune.load_config(data, where=str(args.config))
+    metrics = finetune.run(cfg, args.out)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_linprobe(args: argparse.Namespace) -> int:
+    from a2mim.stages import linprobe
+
+    data = _stage_config("linprobe", args)
+    if args.init is not None:
+        data["init"] = str(args.init)
+    cfg = linprobe.load_config(data, where=str(args.config))
+    metrics = linprobe.run(cfg, args.out)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     from a2mim import recipes
     from a2mim.mim.presets import PRESETS
@@ -120,6 +146,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_pretrain)
 
+    for name, help_, desc in (
+        (
+            "finetune",
+            "classification fine-tuning (timm)",
+            "Fine-tune the encoder of a pretrain run (--init <run>/encoder.pt), or train from "
+            "scratch without --init. Restarting the same command resumes from "
+            "<out>/checkpoint.pt.",
+        ),
+        (
+            "linprobe",
+            "linear probe on frozen features",
+            "Train BatchNorm + Linear on the frozen, pooled features of a pretrain encoder "
+            "(--init <run>/encoder.pt; without it, of a random-init backbone). Restarting the "
+            "same command resumes from <out>/checkpoint.pt.",
+        ),
+    ):
+        p = sub.add_parser(name, help=help_, description=desc)
+        p.add_argument(
+            "--config",
+            required=True,
+            help=f"YAML config file, or a recipe name ({name}_<NAME>.yaml in a2mim/recipes)",
+        )
+        p.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, metrics)")
+        p.add_argument(
+            "--init",
+            type=Path,
+            metavar="CKPT",
+            help="encoder.pt of a pretrain run (overrides the config's init)",
+        )
+        p.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set epochs=5 --set data.root=/data/in1k",
+        )
+        p.set_defaults(func=_cmd_finetune if name == "finetune" else _cmd_linprobe)
+
     p = sub.add_parser("presets", help="list method presets and recipes")
     p.set_defaults(func=_cmd_presets)
     return parser
@@ -128,9 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from a2mim.tracking import TrackingError
+
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (ConfigError, TrackingError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"a2mim {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

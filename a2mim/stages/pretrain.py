@@ -29,6 +29,7 @@ from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import eval_transform, pretrain_transform
 from a2mim.mim import MaskedImageModel, MIMConfig, get_preset
 from a2mim.mim.masking import fill_masked, upsample_mask
+from a2mim.tracking import Tracker
 from a2mim.train import checkpoint
 from a2mim.train.optim import OptimConfig, build_optimizer, build_scheduler, scaled_lr
 from a2mim.train.sampling import EpochSampler, SeededDataset, mix_seed
@@ -72,6 +73,8 @@ class PretrainConfig:
     figure_every_epochs: int = 1
     figure_images: int = 8
     progress: bool = True
+    track: bool = True  # MLflow (a2mim.tracking); rank 0 only
+    tracking_uri: str | None = None  # default: sqlite under the results folder, or env
 
     def mim_config(self) -> MIMConfig:
         try:
@@ -141,6 +144,46 @@ def run(cfg: PretrainConfig, out_dir: str | Path) -> dict[str, float]:
             ),
         )
 
+    ckpt_path = out / "checkpoint.pt"
+    state = checkpoint.load(ckpt_path) if ckpt_path.exists() else None
+    if state is not None and state["config_hash"] != derived["config_hash"]:
+        raise ConfigError(
+            f"{out} holds a run with a different config (hash {state['config_hash']} vs "
+            f"{derived['config_hash']}); use another --out or delete {ckpt_path}"
+        )
+    tracker = Tracker(
+        out,
+        "pretrain",
+        tags={
+            "method": cfg.model.preset.split("_")[0],
+            "backbone": mim_cfg.backbone,
+            "preset": cfg.model.preset,
+            "scale": cfg.scale,
+            "config_hash": derived["config_hash"],
+        },
+        params={**to_dict(cfg), "derived": {k: v for k, v in derived.items() if k != "mim"}},
+        uri=cfg.tracking_uri,
+        enabled=cfg.track and rank == 0,
+    )
+    try:
+        metrics = _train(cfg, out, mim_cfg, dataset, derived, device, rank, world, tracker, state)
+    except BaseException as exc:
+        tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.close()
+    return metrics
+
+
+def _train(
+    cfg, out, mim_cfg, dataset, derived, device, rank, world, tracker, state
+) -> dict[str, float]:
+    """The training loop; ``state`` is the checkpoint to resume from (or None)."""
+    steps_per_epoch = derived["steps_per_epoch"]
+    total_steps = derived["total_steps"]
+    global_batch = derived["global_batch"]
+    lr = derived["lr"]
+    if rank == 0:
+        tracker.log_artifact(out / "resolved_config.yaml")
     torch.manual_seed(cfg.seed)
     model = MaskedImageModel(mim_cfg).to(device)
     if cfg.channels_last:
@@ -156,13 +199,7 @@ def run(cfg: PretrainConfig, out_dir: str | Path) -> dict[str, float]:
 
     step = 0
     ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists():
-        state = checkpoint.load(ckpt_path)
-        if state["config_hash"] != derived["config_hash"]:
-            raise ConfigError(
-                f"{out} holds a run with a different config (hash {state['config_hash']} vs "
-                f"{derived['config_hash']}); use another --out or delete {ckpt_path}"
-            )
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -185,6 +222,7 @@ def run(cfg: PretrainConfig, out_dir: str | Path) -> dict[str, float]:
     def save(step_done: int) -> None:
         if rank != 0:
             return
+        tracker.flush()  # metrics up to this step are in the store before the checkpoint
         checkpoint.atomic_save(
             {
                 "model": model.state_dict(),
@@ -257,6 +295,7 @@ def run(cfg: PretrainConfig, out_dir: str | Path) -> dict[str, float]:
                 t_last, n_last = now, 0
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps({"step": done, **last}) + "\n")
+                tracker.log_metrics(last, done)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{sums['loss']:.4f}", refresh=False)
@@ -264,7 +303,9 @@ def run(cfg: PretrainConfig, out_dir: str | Path) -> dict[str, float]:
                 save(done)
         step = (epoch + 1) * steps_per_epoch
         if rank == 0 and ((epoch + 1) % cfg.figure_every_epochs == 0 or step == total_steps):
-            _save_figure(model, fig_batch, out / "figures" / f"recon_ep{epoch + 1:04d}.png", cfg)
+            fig_path = out / "figures" / f"recon_ep{epoch + 1:04d}.png"
+            _save_figure(model, fig_batch, fig_path, cfg)
+            tracker.log_artifact(fig_path, "figures")
     if progress is not None:
         progress.close()
 

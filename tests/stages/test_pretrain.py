@@ -121,7 +121,10 @@ def _run_cli(cfg_file: Path, out: Path, env) -> subprocess.Popen:
 
 def test_resume_after_sigkill_is_bit_identical(fmnist, tmp_path):
     cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(yaml.safe_dump(_cfg(fmnist, epochs=3, ckpt_every_steps=3)))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg_file.write_text(
+        yaml.safe_dump(_cfg(fmnist, epochs=3, ckpt_every_steps=3, tracking_uri=uri))
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
     full = _run_cli(cfg_file, tmp_path / "full", env)
@@ -137,6 +140,7 @@ def test_resume_after_sigkill_is_bit_identical(fmnist, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed_dir / "encoder.pt").exists()
+    run_id = (killed_dir / "mlflow_run_id").read_text().strip()
     step_at_kill = torch.load(killed_dir / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < step_at_kill < 15
 
@@ -154,6 +158,17 @@ def test_resume_after_sigkill_is_bit_identical(fmnist, tmp_path):
         return [{k: v for k, v in json.loads(x).items() if k != "img_per_s"} for x in lines]
 
     assert strip(log_full) == strip(log_resumed)
+
+    # MLflow: the resumed process continued the same run and step axis, each step once.
+    from mlflow.tracking import MlflowClient
+
+    assert (killed_dir / "mlflow_run_id").read_text().strip() == run_id
+    client = MlflowClient(tracking_uri=uri)
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 16))
+    expected = {json.loads(x)["step"]: json.loads(x)["loss"] for x in log_resumed}
+    assert {m.step: m.value for m in history} == pytest.approx(expected)
+    assert client.get_run(run_id).data.tags["stage"] == "pretrain"
 
 
 def test_resume_refuses_a_different_config(fmnist, tmp_path):
