@@ -136,6 +136,13 @@ def run(cfg: PretrainConfig, out_dir: str | Path) -> dict[str, float]:
         "config_hash": config_hash(cfg),
         "mim": to_dict(mim_cfg),
     }
+    ckpt_path = out / "checkpoint.pt"
+    state = checkpoint.load(ckpt_path) if ckpt_path.exists() else None
+    if state is not None and state["config_hash"] != derived["config_hash"]:
+        raise ConfigError(
+            f"{out} holds a run with a different config (hash {state['config_hash']} vs "
+            f"{derived['config_hash']}); use another --out or delete {ckpt_path}"
+        )
     if rank == 0:
         atomic.write_text(
             out / "resolved_config.yaml",
@@ -144,13 +151,6 @@ def run(cfg: PretrainConfig, out_dir: str | Path) -> dict[str, float]:
             ),
         )
 
-    ckpt_path = out / "checkpoint.pt"
-    state = checkpoint.load(ckpt_path) if ckpt_path.exists() else None
-    if state is not None and state["config_hash"] != derived["config_hash"]:
-        raise ConfigError(
-            f"{out} holds a run with a different config (hash {state['config_hash']} vs "
-            f"{derived['config_hash']}); use another --out or delete {ckpt_path}"
-        )
     tracker = Tracker(
         out,
         "pretrain",

@@ -36,8 +36,13 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 
 def build_optimizer(param_groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.AdamW:
-    """AdamW over groups that carry their own ``weight_decay`` and ``lr_scale``."""
-    groups = [{**g, "lr": lr * g.get("lr_scale", 1.0)} for g in param_groups if g["params"]]
+    """AdamW over groups that carry their own ``weight_decay`` and ``lr_scale``.
+
+    Every group starts at the base ``lr``: the timm scheduler (``build_scheduler``) takes each
+    group's initial lr as its base and applies ``lr_scale`` itself, so scaling here too would
+    apply it twice.
+    """
+    groups = [{**g, "lr": lr} for g in param_groups if g["params"]]
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 

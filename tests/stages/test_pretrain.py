@@ -173,5 +173,7 @@ def test_resume_after_sigkill_is_bit_identical(fmnist, tmp_path):
 
 def test_resume_refuses_a_different_config(fmnist, tmp_path):
     pretrain.run(pretrain.load_config(_cfg(fmnist, epochs=1)), tmp_path)
+    before = (tmp_path / "resolved_config.yaml").read_text()
     with pytest.raises(ConfigError, match="different config"):
         pretrain.run(pretrain.load_config(_cfg(fmnist, epochs=1, seed=1)), tmp_path)
+    assert (tmp_path / "resolved_config.yaml").read_text() == before  # the old run's record stays
