@@ -26,17 +26,29 @@ $(FMNIST):
 	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' or set A2MIM_FASHION_MNIST_DIR"; exit 1; \
 	fi
 
-# Until the Snakemake workflow lands, `make run` runs the most complete real job that exists:
-# real Fashion-MNIST -> A²MIM and SimMIM pre-training at toy scale -> reconstruction figures.
+# Until the Snakemake workflow lands, `make run` runs the most complete real job that exists, on
+# real Fashion-MNIST at toy scale: A²MIM and SimMIM pre-training (reconstruction figures), then
+# fine-tuning of each encoder and of a from-scratch baseline with the same budget, and linear
+# probes of both encoders. Every run logs to MLflow (results/mlflow.db).
+TINY_DATA := --set data.root=$(RESULTS)/data/fashion-mnist-tiny --set progress=false
+RUNS := $(RESULTS)/runs
+
 run: install $(FMNIST)
 	$(VENV)/bin/a2mim prepare fashion-mnist --out $(RESULTS)/data/fashion-mnist-tiny \
 	  --train-per-class 200 --val-per-class 50
-	$(VENV)/bin/a2mim pretrain --config tiny --out $(RESULTS)/runs/pretrain_tiny_a2mim_resnet18 \
-	  --set progress=false --set data.root=$(RESULTS)/data/fashion-mnist-tiny
-	$(VENV)/bin/a2mim pretrain --config tiny --out $(RESULTS)/runs/pretrain_tiny_simmim_resnet18 \
-	  --set progress=false --set data.root=$(RESULTS)/data/fashion-mnist-tiny \
+	$(VENV)/bin/a2mim pretrain --config tiny --out $(RUNS)/pretrain_a2mim $(TINY_DATA)
+	$(VENV)/bin/a2mim pretrain --config tiny --out $(RUNS)/pretrain_simmim $(TINY_DATA) \
 	  --set model.preset=simmim_resnet18
-	@echo "figures: $$(ls $(RESULTS)/runs/pretrain_tiny_*/figures/*.png | tr '\n' ' ')"
+	$(VENV)/bin/a2mim finetune --config tiny --out $(RUNS)/finetune_scratch $(TINY_DATA)
+	for m in a2mim simmim; do \
+	  $(VENV)/bin/a2mim finetune --config tiny --out $(RUNS)/finetune_$$m $(TINY_DATA) \
+	    --init $(RUNS)/pretrain_$$m/encoder.pt || exit 1; \
+	  $(VENV)/bin/a2mim linprobe --config tiny --out $(RUNS)/linprobe_$$m $(TINY_DATA) \
+	    --init $(RUNS)/pretrain_$$m/encoder.pt || exit 1; \
+	done
+	@$(PY) -c "import json,sys; [print(f'{r:18s} top1={json.load(open(f\"$(RUNS)/{r}/metrics.json\"))[\"top1\"]:.2f}') for r in sys.argv[1:]]" \
+	  finetune_scratch finetune_simmim finetune_a2mim linprobe_simmim linprobe_a2mim
+	@echo "figures: $$(ls $(RUNS)/pretrain_*/figures/*.png | tr '\n' ' ')"
 
 lint: install
 	$(VENV)/bin/ruff check .
