@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from PIL import Image, ImageOps
 from timm.data import Mixup, auto_augment, create_transform
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -41,11 +40,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from a2mim import atomic
-from a2mim.config import ConfigError, from_dict, to_dict
+from a2mim.config import ConfigError, from_dict
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from a2mim.stages.pretrain import config_hash
-from a2mim.tracking import Tracker
+from a2mim.stages.rundir import config_hash, open_run
 from a2mim.train import checkpoint
 from a2mim.train.classify import (
     AugmentedDataset,
@@ -400,38 +398,19 @@ def run(
         "init": init_report,
         "config_hash": config_hash(cfg),
     }
-    ckpt_path = out / "checkpoint.pt"
-    state = checkpoint.load(ckpt_path) if ckpt_path.exists() else None
-    if state is not None and state["config_hash"] != derived["config_hash"]:
-        raise ConfigError(
-            f"{out} holds a run with a different config (hash {state['config_hash']} vs "
-            f"{derived['config_hash']}); use another --out or delete {ckpt_path}"
-        )
-    if rank == 0:
-        atomic.write_text(
-            out / "resolved_config.yaml",
-            yaml.safe_dump(
-                {"stage": "finetune", **to_dict(cfg), "derived": derived}, sort_keys=False
-            ),
-        )
-
     preset = "scratch"
     if derived["init"] is not None:
         preset = derived["init"]["meta"].get("preset") or "unknown"
-    tracker = Tracker(
-        out,
+    state, tracker = open_run(
         "finetune",
-        tags={
-            "method": preset.split("_")[0],
-            "backbone": cfg.model.backbone,
-            "preset": preset,
-            "scale": cfg.scale,
-            "config_hash": derived["config_hash"],
-        },
-        params={**to_dict(cfg), "derived": tracked_derived(derived)},
-        uri=cfg.tracking_uri,
-        enabled=cfg.track and rank == 0,
+        cfg,
+        out,
+        derived,
+        tags={"method": preset.split("_")[0], "backbone": cfg.model.backbone, "preset": preset},
+        rank=rank,
+        tracked=tracked_derived(derived),
     )
+    ckpt_path = out / "checkpoint.pt"
     with tracker:
         if rank == 0:
             tracker.log_artifact(out / "resolved_config.yaml")

@@ -10,7 +10,6 @@ bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
 from a2mim import atomic
@@ -29,7 +27,7 @@ from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import eval_transform, pretrain_transform
 from a2mim.mim import MaskedImageModel, MIMConfig, get_preset
 from a2mim.mim.masking import fill_masked, upsample_mask
-from a2mim.tracking import Tracker
+from a2mim.stages.rundir import config_hash, open_run
 from a2mim.train import checkpoint
 from a2mim.train.optim import OptimConfig, build_optimizer, build_scheduler, scaled_lr
 from a2mim.train.sampling import EpochSampler, SeededDataset, mix_seed
@@ -96,11 +94,6 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def config_hash(cfg: Any) -> str:
-    text = json.dumps(to_dict(cfg), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def run(cfg: PretrainConfig, out_dir: str | Path) -> dict[str, float]:
     """Pre-train (or resume) into ``out_dir``; returns the final metrics."""
     out = Path(out_dir)
@@ -136,34 +129,18 @@ def run(cfg: PretrainConfig, out_dir: str | Path) -> dict[str, float]:
         "config_hash": config_hash(cfg),
         "mim": to_dict(mim_cfg),
     }
-    ckpt_path = out / "checkpoint.pt"
-    state = checkpoint.load(ckpt_path) if ckpt_path.exists() else None
-    if state is not None and state["config_hash"] != derived["config_hash"]:
-        raise ConfigError(
-            f"{out} holds a run with a different config (hash {state['config_hash']} vs "
-            f"{derived['config_hash']}); use another --out or delete {ckpt_path}"
-        )
-    if rank == 0:
-        atomic.write_text(
-            out / "resolved_config.yaml",
-            yaml.safe_dump(
-                {"stage": "pretrain", **to_dict(cfg), "derived": derived}, sort_keys=False
-            ),
-        )
-
-    tracker = Tracker(
-        out,
+    state, tracker = open_run(
         "pretrain",
+        cfg,
+        out,
+        derived,
         tags={
             "method": cfg.model.preset.split("_")[0],
             "backbone": mim_cfg.backbone,
             "preset": cfg.model.preset,
-            "scale": cfg.scale,
-            "config_hash": derived["config_hash"],
         },
-        params={**to_dict(cfg), "derived": {k: v for k, v in derived.items() if k != "mim"}},
-        uri=cfg.tracking_uri,
-        enabled=cfg.track and rank == 0,
+        rank=rank,
+        tracked={k: v for k, v in derived.items() if k != "mim"},
     )
     try:
         metrics = _train(cfg, out, mim_cfg, dataset, derived, device, rank, world, tracker, state)
