@@ -33,6 +33,14 @@ $(FMNIST):
 TINY_DATA := --set data.root=$(RESULTS)/data/fashion-mnist-tiny --set progress=false
 RUNS := $(RESULTS)/runs
 
+# Real COCO-format annotations (3 VOC photos) for the COCO reader's test; the test skips with the
+# reason when this cannot be installed (not root).
+LABELME := /usr/share/doc/labelme-examples/examples/instance_segmentation/data_dataset_coco/annotations.json
+$(LABELME):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq labelme-examples; \
+	else echo "labelme-examples not installed (needs root): its COCO test will skip"; fi
+
 run: install $(FMNIST)
 	$(VENV)/bin/a2mim prepare fashion-mnist --out $(RESULTS)/data/fashion-mnist-tiny \
 	  --train-per-class 200 --val-per-class 50
@@ -62,7 +70,7 @@ format: install
 slurm-deps:
 	@bash .ci/install_slurm.sh
 
-test: install $(FMNIST) slurm-deps lint
+test: install $(FMNIST) $(LABELME) slurm-deps lint
 	$(PY) -m pytest -q
 
 bench: install
