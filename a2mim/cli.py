@@ -61,35 +61,16 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from a2mim.stages import pretrain
+def _cmd_stage(args: argparse.Namespace) -> int:
+    """Load, validate and run one training stage (``pretrain``, ``finetune``, ``linprobe``)."""
+    import importlib
 
-    cfg = pretrain.load_config(_stage_config("pretrain", args), where=str(args.config))
-    metrics = pretrain.run(cfg, args.out)
-    print(json.dumps(metrics, indent=2))
-    return 0
-
-
-def _cmd_finetune(args: argparse.Namespace) -> int:
-    from a2mim.stages import finetune
-
-    data = _stage_config("finetune", args)
-    if args.init is not None:
+    stage = importlib.import_module(f"a2mim.stages.{args.command}")
+    data = _stage_config(args.command, args)
+    if getattr(args, "init", None) is not None:
         data["init"] = str(args.init)
-    cfg = finetune.load_config(data, where=str(args.config))
-    metrics = finetune.run(cfg, args.out)
-    print(json.dumps(metrics, indent=2))
-    return 0
-
-
-def _cmd_linprobe(args: argparse.Namespace) -> int:
-    from a2mim.stages import linprobe
-
-    data = _stage_config("linprobe", args)
-    if args.init is not None:
-        data["init"] = str(args.init)
-    cfg = linprobe.load_config(data, where=str(args.config))
-    metrics = linprobe.run(cfg, args.out)
+    cfg = stage.load_config(data, where=str(args.config))
+    metrics = stage.run(cfg, args.out)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -144,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set epochs=5 --set data.root=/data/in1k",
     )
-    p.set_defaults(func=_cmd_pretrain)
+    p.set_defaults(func=_cmd_stage)
 
     for name, help_, desc in (
         (
@@ -181,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a config value, e.g. --set epochs=5 --set data.root=/data/in1k",
         )
-        p.set_defaults(func=_cmd_finetune if name == "finetune" else _cmd_linprobe)
+        p.set_defaults(func=_cmd_stage)
 
     p = sub.add_parser("presets", help="list method presets and recipes")
     p.set_defaults(func=_cmd_presets)

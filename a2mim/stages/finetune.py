@@ -44,7 +44,7 @@ from a2mim.config import ConfigError, from_dict
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from a2mim.stages.rundir import config_hash, open_run
-from a2mim.train import checkpoint
+from a2mim.train import checkpoint, steplog
 from a2mim.train.classify import (
     AugmentedDataset,
     AugSampler,
@@ -52,12 +52,10 @@ from a2mim.train.classify import (
     create_classifier,
     evaluate,
     load_encoder,
-    resolve_device,
     rng_scope,
     tracked_derived,
-    truncate_log,
-    world_info,
 )
+from a2mim.train.distributed import resolve_device, world_info
 from a2mim.train.optim import OptimConfig, build_scheduler
 from a2mim.train.sampling import mix_seed
 
@@ -423,7 +421,7 @@ def run(
             if ema is not None:
                 ema.module.load_state_dict(state["ema"])
             step = int(state["step"])
-            truncate_log(out / "metrics.jsonl", step)
+            steplog.truncate(out / "metrics.jsonl", step)
         scheduler.step_update(step)
 
         mixup = None
@@ -474,8 +472,7 @@ def run(
                 row.update(top1_ema=res_ema["top1"], top5_ema=res_ema["top5"])
                 row["val_loss_ema"] = res_ema["loss"]
             if rank == 0:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step_done, "epoch": epoch_done, **row}) + "\n")
+                steplog.append(out / "metrics.jsonl", step_done, {"epoch": epoch_done, **row})
                 tracker.log_metrics(row, step_done)
             return row
 
@@ -543,8 +540,7 @@ def run(
                         "epoch": epoch + (done - epoch * steps_per_epoch) / steps_per_epoch,
                     }
                     t_last, n_last = now, 0
-                    with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps({"step": done, **last_train}) + "\n")
+                    steplog.append(out / "metrics.jsonl", done, last_train)
                     tracker.log_metrics(last_train, done)
                 if progress is not None:
                     progress.update(1)

@@ -33,7 +33,7 @@ from a2mim.config import ConfigError, from_dict
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import eval_transform, pretrain_transform
 from a2mim.stages.rundir import config_hash, open_run
-from a2mim.train import checkpoint
+from a2mim.train import checkpoint, steplog
 from a2mim.train.classify import (
     AugmentedDataset,
     AugSampler,
@@ -42,11 +42,9 @@ from a2mim.train.classify import (
     create_classifier,
     evaluate,
     load_encoder,
-    resolve_device,
     tracked_derived,
-    truncate_log,
-    world_info,
 )
+from a2mim.train.distributed import resolve_device, world_info
 from a2mim.train.optim import OptimConfig, build_scheduler
 from a2mim.train.sampling import mix_seed
 
@@ -270,7 +268,7 @@ def run(
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             step = int(state["step"])
-            truncate_log(out / "metrics.jsonl", step)
+            steplog.truncate(out / "metrics.jsonl", step)
         scheduler.step_update(step)
 
         seeded = AugmentedDataset(
@@ -310,8 +308,7 @@ def run(
             res = evaluate(probe, val_loader, device, amp_dtype)
             row = {"top1": res["top1"], "top5": res["top5"], "val_loss": res["loss"]}
             if rank == 0:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step_done, "epoch": epoch_done, **row}) + "\n")
+                steplog.append(out / "metrics.jsonl", step_done, {"epoch": epoch_done, **row})
                 tracker.log_metrics(row, step_done)
             return row
 
@@ -367,8 +364,7 @@ def run(
                         "epoch": epoch + (done - epoch * steps_per_epoch) / steps_per_epoch,
                     }
                     t_last, n_last = now, 0
-                    with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps({"step": done, **last_train}) + "\n")
+                    steplog.append(out / "metrics.jsonl", done, last_train)
                     tracker.log_metrics(last_train, done)
                 if progress is not None:
                     progress.update(1)

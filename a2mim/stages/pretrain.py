@@ -28,7 +28,8 @@ from a2mim.data.transforms import eval_transform, pretrain_transform
 from a2mim.mim import MaskedImageModel, MIMConfig, get_preset
 from a2mim.mim.masking import fill_masked, upsample_mask
 from a2mim.stages.rundir import config_hash, open_run
-from a2mim.train import checkpoint
+from a2mim.train import checkpoint, steplog
+from a2mim.train.distributed import resolve_device, world_info
 from a2mim.train.optim import OptimConfig, build_optimizer, build_scheduler, scaled_lr
 from a2mim.train.sampling import EpochSampler, SeededDataset, mix_seed
 
@@ -82,24 +83,12 @@ class PretrainConfig:
         return from_dict(MIMConfig, {**to_dict(base), **self.model.overrides}, "model.overrides")
 
 
-def _device(cfg: PretrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def run(cfg: PretrainConfig, out_dir: str | Path) -> dict[str, float]:
     """Pre-train (or resume) into ``out_dir``; returns the final metrics."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rank, world = _world()
-    device = _device(cfg)
+    rank, world = world_info()
+    device = resolve_device(cfg.device)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
         torch.backends.cudnn.benchmark = False
@@ -182,7 +171,7 @@ def _train(
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
-        _truncate_log(out / "metrics.jsonl", step)
+        steplog.truncate(out / "metrics.jsonl", step)
     scheduler.step_update(step)
 
     seeded = SeededDataset(
@@ -270,8 +259,7 @@ def _train(
                     "epoch": epoch + (done - epoch * steps_per_epoch) / steps_per_epoch,
                 }
                 t_last, n_last = now, 0
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": done, **last}) + "\n")
+                steplog.append(out / "metrics.jsonl", done, last)
                 tracker.log_metrics(last, done)
             if progress is not None:
                 progress.update(1)
@@ -303,14 +291,6 @@ def _train(
         )
         atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint a resumed run restarts from."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-    atomic.write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def _figure_batch(cfg: PretrainConfig, mim_cfg: MIMConfig):

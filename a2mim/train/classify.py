@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import logging
 import random
 from collections.abc import Callable, Iterable, Iterator
@@ -31,9 +30,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
-from a2mim import atomic
 from a2mim.config import ConfigError
 from a2mim.train import checkpoint
+from a2mim.train.distributed import world_info
 from a2mim.train.sampling import mix_seed
 
 __all__ = [
@@ -46,29 +45,13 @@ __all__ = [
     "file_sha256",
     "load_classifier",
     "load_encoder",
-    "resolve_device",
     "rng_scope",
     "topk_correct",
     "tracked_derived",
-    "truncate_log",
-    "world_info",
 ]
 
+
 log = logging.getLogger(__name__)
-
-
-def world_info() -> tuple[int, int]:
-    """``(rank, world_size)`` of the initialised process group, ``(0, 1)`` without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; other names as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @contextmanager
@@ -369,14 +352,6 @@ def tracked_derived(derived: dict[str, Any]) -> dict[str, Any]:
         short = {"path": init["path"], "sha256": init["sha256"]}
         short["preset"] = init["meta"].get("preset")
     return {**{k: v for k, v in derived.items() if k not in ("classes", "init")}, "init": short}
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Drop ``metrics.jsonl`` lines written after the checkpoint a resumed run restarts from."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-    atomic.write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def load_classifier(path: str | Path, ema: bool = False) -> tuple[nn.Module, dict[str, Any]]:
