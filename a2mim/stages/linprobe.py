@@ -123,6 +123,7 @@ class LinprobeConfig:
     progress: bool = True
     track: bool = True  # MLflow (a2mim.tracking); rank 0 only
     tracking_uri: str | None = None  # default: sqlite under the results folder, or env
+    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (not hashed)
 
 
 def load_config(data: dict[str, Any], where: str = "config") -> LinprobeConfig:

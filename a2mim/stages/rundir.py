@@ -20,10 +20,17 @@ from a2mim.config import ConfigError, to_dict
 from a2mim.tracking import Tracker
 from a2mim.train import checkpoint
 
+# Config fields that describe a run without changing what it computes: a run resumed with other
+# values (e.g. the workflow's table-cell tags) is still the same run.
+UNHASHED_FIELDS = ("tags", "progress", "track", "tracking_uri")
+
 
 def config_hash(cfg: Any) -> str:
-    """A short, stable hash of a config dataclass (its resolved values)."""
-    text = json.dumps(to_dict(cfg), sort_keys=True)
+    """A short, stable hash of a config dataclass (the resolved values that change results)."""
+    data = to_dict(cfg)
+    for name in UNHASHED_FIELDS:
+        data.pop(name, None)
+    text = json.dumps(data, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -39,7 +46,8 @@ def open_run(
     """``(resume state or None, tracker)`` for ``stage`` in ``out``.
 
     ``derived`` must hold ``config_hash``; ``tracked`` is the part of ``derived`` logged as
-    MLflow params (default: all of it). ``cfg`` needs ``scale``, ``track`` and ``tracking_uri``.
+    MLflow params (default: all of it). ``cfg`` needs ``scale``, ``track`` and ``tracking_uri``; its
+    ``tags`` (optional) become MLflow tags.
     """
     ckpt_path = out / "checkpoint.pt"
     state = checkpoint.load(ckpt_path) if ckpt_path.exists() else None
@@ -56,8 +64,16 @@ def open_run(
     tracker = Tracker(
         out,
         stage,
-        tags={**tags, "scale": cfg.scale, "config_hash": derived["config_hash"]},
-        params={**to_dict(cfg), "derived": derived if tracked is None else tracked},
+        tags={
+            **getattr(cfg, "tags", {}),
+            **tags,
+            "scale": cfg.scale,
+            "config_hash": derived["config_hash"],
+        },
+        params={
+            **{k: v for k, v in to_dict(cfg).items() if k not in UNHASHED_FIELDS},
+            "derived": derived if tracked is None else tracked,
+        },
         uri=cfg.tracking_uri,
         enabled=cfg.track and rank == 0,
     )
