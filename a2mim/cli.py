@@ -5,6 +5,7 @@ Commands
   pretrain                A²MIM / SimMIM pre-training (resumes from --out when interrupted)
   finetune                fine-tune a pretrain encoder.pt (--init) or train from scratch
   linprobe                linear probe on frozen features of a pretrain encoder.pt (--init)
+  tables                  paper Tables 1-5 beside our MLflow numbers, and an audit of the claims
   presets                 list the method presets and the recipes shipped with the package
 """
 
@@ -43,6 +44,11 @@ def _stage_config(stage: str, args: argparse.Namespace) -> dict[str, Any]:
     data.pop("derived", None)
     for assignment in args.set or []:
         _set_override(data, assignment)
+    for assignment in getattr(args, "tag", None) or []:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--tag expects KEY=VALUE, got {assignment!r}")
+        data.setdefault("tags", {})[key] = value  # always a string, unlike --set
     return data
 
 
@@ -70,8 +76,41 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     if getattr(args, "init", None) is not None:
         data["init"] = str(args.init)
     cfg = stage.load_config(data, where=str(args.config))
-    metrics = stage.run(cfg, args.out)
+    from a2mim.train.distributed import process_group
+
+    with process_group(cfg.device):  # joins torchrun's / Submitit's group when WORLD_SIZE > 1
+        metrics = stage.run(cfg, args.out)
     print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    """Check the stage's arguments and config here, then run it as a Submitit job and wait."""
+    import importlib
+
+    from a2mim import launch
+
+    cfg, argv = launch.config_from_args(args)
+    stage_args = build_parser().parse_args(argv)  # usage errors exit 2 before any submission
+    if stage_args.command == "launch":
+        raise launch.LaunchError("a2mim launch cannot launch itself")
+    if stage_args.func is _cmd_stage:
+        stage = importlib.import_module(f"a2mim.stages.{stage_args.command}")
+        data = _stage_config(stage_args.command, stage_args)
+        if getattr(stage_args, "init", None) is not None:
+            data["init"] = str(stage_args.init)
+        stage.load_config(data, where=str(stage_args.config))  # config errors: exit 2 here
+    return launch.launch(cfg, argv)
+
+
+def _cmd_tables(args: argparse.Namespace) -> int:
+    """Write the paper's tables beside our MLflow numbers, and the audit, into --out."""
+    from a2mim.tables import write_tables
+    from a2mim.tracking import resolve_uri
+
+    uri = resolve_uri(args.tracking_uri, args.results)
+    for path in write_tables(args.experiment, args.out, uri, args.table, args.audit_only):
+        print(path)
     return 0
 
 
@@ -164,19 +203,77 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.set_defaults(func=_cmd_stage)
 
+    from a2mim import launch
+
+    p = sub.add_parser(
+        "launch",
+        help="run a stage as a Submitit job (local, SLURM or in-process) and wait",
+        description=(launch.__doc__ or "").split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    launch.add_arguments(p)
+    p.set_defaults(func=_cmd_launch)
+
+    p = sub.add_parser(
+        "tables",
+        help="paper Tables 1-5 beside our MLflow numbers, with an audit",
+        description="Read the FINISHED MLflow runs tagged experiment=NAME (only MLflow, never "
+        "result files) and write <out>/table1..table5 .md/.csv/.tex (paper, ours, delta per "
+        "cell) and <out>/audit.md/.json (do the paper's orderings hold?). With --table, only "
+        "those tables' files; with --audit-only, only the audit.",
+    )
+    p.add_argument("--experiment", required=True, help="the workflow config's name (tag)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument(
+        "--tracking-uri", help="MLflow URI (default: $A2MIM_TRACKING_URI, then the results store)"
+    )
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=Path("results"),
+        help="folder of the default store <results>/mlflow.db (default: results)",
+    )
+    p.add_argument(
+        "--table",
+        nargs="+",
+        action="extend",
+        metavar="KEY",
+        help="only these tables: table1..table5 or their paper_tables.yaml keys",
+    )
+    p.add_argument(
+        "--audit-only", action="store_true", help="write only audit.md/.json (no table files)"
+    )
+    p.set_defaults(func=_cmd_tables)
+
     p = sub.add_parser("presets", help="list method presets and recipes")
     p.set_defaults(func=_cmd_presets)
+    for stage_parser in sub.choices.values():  # every training / evaluation stage
+        if stage_parser.get_default("func") is _cmd_stage:
+            stage_parser.add_argument(
+                "--tag",
+                action="append",
+                metavar="KEY=VALUE",
+                help="extra MLflow tag of the run (string), e.g. --tag experiment=tiny",
+            )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from a2mim.launch import LaunchError
     from a2mim.tracking import TrackingError
 
     try:
         return args.func(args)
-    except (ConfigError, TrackingError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (
+        ConfigError,
+        TrackingError,
+        LaunchError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+    ) as exc:
         print(f"a2mim {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

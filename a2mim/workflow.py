@@ -1,0 +1,305 @@
+"""The experiment matrix of a workflow config, for the Snakefile's rules.
+
+``workflow/rules/common.smk`` builds one :class:`Matrix` from Snakemake's (schema-validated)
+``config``; rules ask it for paths, inputs, stage arguments and launcher options and stay thin.
+It also checks what a JSON schema cannot: that every run's dataset, init, resources and table
+cells name things that exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGES = ("pretrain", "finetune", "linprobe", "detect", "segment")
+TABLES = ("table1", "table2", "table3", "table4", "table5")
+FIGURES = ("figure1", "figure3", "figure5")
+RESOURCE_DEFAULTS: dict[str, Any] = {
+    "partition": None,
+    "nodes": 1,
+    "tasks_per_node": 1,
+    "gpus_per_node": 0,
+    "cpus_per_task": 1,
+    "mem_gb": None,
+    "timeout_min": 60,
+    "signal_delay_s": 120,
+    "max_retries": 2,
+    "slurm_args": {},
+}
+PAPER_TABLES_PATH = Path(__file__).parent / "data" / "paper_tables.yaml"
+
+
+class ConfigMatrixError(ValueError):
+    """A workflow config that passes the schema but names something that does not exist."""
+
+
+def expose_cli() -> None:
+    """Put the running interpreter's ``bin`` first on PATH: rules call ``a2mim`` of the
+    environment Snakemake runs in, whether or not that environment is activated."""
+    bindir = str(Path(sys.executable).parent)
+    os.environ["PATH"] = os.pathsep.join([bindir, os.environ.get("PATH", "")])
+
+
+def split_cell(cell: str) -> tuple[str, str, str]:
+    """``table/row/column`` -> its parts; rows may contain ``/`` ("+ L_freq w/o omega")."""
+    table, rest = cell.split("/", 1)
+    row, column = rest.rsplit("/", 1)
+    return table, row, column
+
+
+def table_short(table_key: str) -> str:
+    """``table1_resnet50_in1k`` -> ``table1``."""
+    return table_key.split("_", 1)[0]
+
+
+class Matrix:
+    """Paths, inputs, arguments and resources of every run of one workflow config."""
+
+    def __init__(self, config: Mapping[str, Any], paper_tables: Path = PAPER_TABLES_PATH):
+        self.config = config
+        self.experiment: str = config["experiment"]
+        self.results: str = str(config["results"]).rstrip("/")
+        self.launcher: str = config.get("launcher") or "local"
+        self.tracking_uri: str = (
+            config.get("tracking_uri") or f"sqlite:///{Path(self.results).resolve()}/mlflow.db"
+        )
+        self.paper_tables = yaml.safe_load(paper_tables.read_text())
+        self.check()
+
+    # -- the matrix ------------------------------------------------------------------------
+
+    def runs(self, stage: str) -> dict[str, dict[str, Any]]:
+        return dict(self.config.get(stage) or {})
+
+    def datasets(self, kind: str | None = None) -> list[str]:
+        """Dataset names, or those with a ``kind`` key (``prepare``, ``scenes``, ``root``)."""
+        items = self.config["datasets"].items()
+        return [name for name, spec in items if kind is None or kind in spec]
+
+    def figures(self) -> dict[str, dict[str, Any]]:
+        return dict(self.config.get("analysis") or {})
+
+    # -- checks the schema cannot express --------------------------------------------------
+
+    def check(self) -> None:
+        datasets = self.config["datasets"]
+        resources = self.config.get("resources") or {}
+        pretrain = self.runs("pretrain")
+        for stage in STAGES:
+            for name, spec in self.runs(stage).items():
+                where = f"{stage}.{name}"
+                if spec["data"] not in datasets:
+                    raise ConfigMatrixError(
+                        f"{where}: data {spec['data']!r} is not a key of datasets "
+                        f"({', '.join(datasets)}); add it under datasets or fix the name"
+                    )
+                init = spec.get("init")
+                if init is not None and stage == "pretrain":
+                    raise ConfigMatrixError(f"{where}: pretrain runs take no init")
+                if init is not None and init not in pretrain:
+                    raise ConfigMatrixError(
+                        f"{where}: init {init!r} is not a pretrain run of this config "
+                        f"(pretrain runs: {', '.join(pretrain) or 'none'})"
+                    )
+                if spec.get("resources") and spec["resources"] not in resources:
+                    raise ConfigMatrixError(
+                        f"{where}: resources {spec['resources']!r} is not a key of resources "
+                        f"({', '.join(resources) or 'none'})"
+                    )
+                for cell in spec.get("cells") or []:
+                    self._check_cell(where, cell)
+        for figure, spec in self.figures().items():
+            if spec["data"] not in datasets:
+                raise ConfigMatrixError(f"analysis.{figure}: data {spec['data']!r} is unknown")
+            for label, ref in spec["models"].items():
+                stage, name = ref.split("/", 1)
+                if name not in self.runs(stage):
+                    raise ConfigMatrixError(
+                        f"analysis.{figure}.models.{label}: {ref!r} is not a {stage} run of "
+                        "this config"
+                    )
+
+    def _check_cell(self, where: str, cell: str) -> None:
+        table, row, column = split_cell(cell)
+        if table not in self.paper_tables:
+            known = ", ".join(k for k in self.paper_tables if k.startswith("table"))
+            raise ConfigMatrixError(f"{where}: cell {cell!r}: no table {table!r} ({known})")
+        spec = self.paper_tables[table]
+        if row not in spec["rows"]:
+            raise ConfigMatrixError(
+                f"{where}: cell {cell!r}: {table} has no row {row!r} "
+                f"(rows: {', '.join(spec['rows'])})"
+            )
+        if column not in spec["columns"]:
+            raise ConfigMatrixError(
+                f"{where}: cell {cell!r}: {table} has no column {column!r} "
+                f"(columns: {', '.join(spec['columns'])})"
+            )
+
+    # -- paths -----------------------------------------------------------------------------
+
+    def run_dir(self, stage: str, name: str) -> str:
+        return f"{self.results}/runs/{stage}/{name}"
+
+    def run_output(self, stage: str, name: str) -> str:
+        """The file a finished run writes last: what downstream rules and targets wait for."""
+        last = "encoder.pt" if stage == "pretrain" else "metrics.json"
+        return f"{self.run_dir(stage, name)}/{last}"
+
+    def dataset_root(self, name: str) -> str:
+        spec = self.config["datasets"][name]
+        return spec.get("root", f"{self.results}/data/{name}")
+
+    def table_outputs(self, tables: Iterable[str] = TABLES) -> list[str]:
+        return [f"{self.results}/tables/{t}.{ext}" for t in tables for ext in ("md", "csv", "tex")]
+
+    def figure_outputs(self, figures: Iterable[str] | None = None) -> list[str]:
+        names = self.figures() if figures is None else figures
+        return [f"{self.results}/figures/{f}/{f}.png" for f in names]
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def dataset_input(self, stage: str, name: str) -> list[str]:
+        """The manifest of a dataset a rule makes; nothing for an external root (the stage
+        reports a missing one with its path)."""
+        return self._data_manifest(self.runs(stage)[name]["data"])
+
+    def _data_manifest(self, data: str) -> list[str]:
+        spec = self.config["datasets"][data]
+        return [] if "root" in spec else [f"{self.results}/data/{data}/PREPARED.json"]
+
+    def init_input(self, stage: str, name: str) -> list[str]:
+        init = self.runs(stage)[name].get("init")
+        return [] if init is None else [self.run_output("pretrain", init)]
+
+    def table_inputs(self, table: str) -> list[str]:
+        """Outputs of every run that fills a cell of ``table`` (``table1`` ... ``table5``)."""
+        return [
+            self.run_output(stage, name)
+            for stage in STAGES
+            for name, spec in self.runs(stage).items()
+            if any(table_short(split_cell(c)[0]) == table for c in spec.get("cells") or [])
+        ]
+
+    def figure_inputs(self, figure: str) -> list[str]:
+        spec = self.figures()[figure]
+        files = self._data_manifest(spec["data"])
+        return files + [self.run_output(*ref.split("/", 1)) for ref in spec["models"].values()]
+
+    # -- arguments -------------------------------------------------------------------------
+
+    def pretrain_epochs(self, name: str) -> int:
+        from a2mim import recipes
+        from a2mim.config import load_yaml
+
+        spec = self.runs("pretrain")[name]
+        sets = spec.get("set") or {}
+        if "epochs" in sets:
+            return int(sets["epochs"])
+        return int(load_yaml(recipes.resolve("pretrain", spec["recipe"])).get("epochs", 0))
+
+    def stage_args(self, stage: str, name: str) -> str:
+        """``--config ... --out ... --set ... --tag ...`` of one run, shell-quoted."""
+        spec = self.runs(stage)[name]
+        sets = {
+            "data.root": self.dataset_root(spec["data"]),
+            "progress": False,
+            "tracking_uri": self.tracking_uri,
+            **(spec.get("set") or {}),
+        }
+        tags = {"experiment": self.experiment, "run_name": f"{stage}/{name}"}
+        if spec.get("cells"):
+            tags["cells"] = ",".join(spec["cells"])
+        if spec.get("init"):
+            tags["pretrain_run"] = spec["init"]
+            tags["pretrain_epochs"] = str(self.pretrain_epochs(spec["init"]))
+        elif stage == "pretrain":
+            tags["pretrain_epochs"] = str(self.pretrain_epochs(name))
+        args = ["--config", spec["recipe"], "--out", self.run_dir(stage, name)]
+        args += _sets(sets)
+        for key, value in tags.items():
+            args += ["--tag", f"{key}={value}"]
+        return shlex.join(args)
+
+    def figure_args(self, figure: str) -> str:
+        spec = self.figures()[figure]
+        sets = {
+            "data.root": self.dataset_root(spec["data"]),
+            "tracking_uri": self.tracking_uri,
+            **(spec.get("set") or {}),
+        }
+        args = ["--config", spec["recipe"], "--out", f"{self.results}/figures/{figure}"]
+        for label, ref in spec["models"].items():
+            args += ["--model", f"{label}={self.run_dir(*ref.split('/', 1))}"]
+        args += _sets(sets)
+        args += ["--tag", f"experiment={self.experiment}"]
+        return shlex.join(args)
+
+    def prepare_args(self, dataset: str) -> str:
+        spec = self.config["datasets"][dataset]["prepare"]
+        args: list[str] = []
+        for key in ("train_per_class", "val_per_class", "seed"):
+            if key in spec:
+                args += [f"--{key.replace('_', '-')}", str(spec[key])]
+        return shlex.join(args)
+
+    def resources(self, stage: str, name: str | None = None) -> dict[str, Any]:
+        table = self.config.get("resources") or {}
+        key = (
+            self.runs(stage)[name].get("resources") if name in self.runs(stage) else None
+        ) or stage
+        return {**RESOURCE_DEFAULTS, **(table.get("default") or {}), **(table.get(key) or {})}
+
+    def launch_args(self, stage: str, name: str) -> str:
+        """``a2mim launch`` options: executor, the target's job folder and its resources."""
+        res = self.resources(stage, name)
+        args = ["--cluster", self.launcher]
+        args += ["--job-dir", f"{self.results}/jobs/{stage}/{name}"]
+        args += ["--name", f"a2mim-{self.experiment}-{stage}-{name}"]
+        for key in (
+            "nodes",
+            "tasks_per_node",
+            "gpus_per_node",
+            "cpus_per_task",
+            "timeout_min",
+            "signal_delay_s",
+            "max_retries",
+        ):
+            args += [f"--{key.replace('_', '-')}", str(res[key])]
+        if res["partition"]:
+            args += ["--partition", str(res["partition"])]
+        if res["mem_gb"]:
+            args += ["--mem-gb", str(res["mem_gb"])]
+        for key, value in res["slurm_args"].items():
+            args += ["--slurm-arg", f"{key}={value}"]
+        return shlex.join(args)
+
+    def threads(self, stage: str, name: str) -> int:
+        """Cores a job takes from Snakemake's budget: its CPUs when it runs on this machine;
+        none when it is a SLURM job (the launcher only waits), so `cores` never limits how many
+        jobs are queued on the cluster."""
+        if self.launcher == "slurm":
+            return 0
+        res = self.resources(stage, name)
+        return int(res["cpus_per_task"]) * int(res["tasks_per_node"])
+
+
+def name_pattern(names: Iterable[str]) -> str:
+    """A wildcard constraint matching exactly ``names`` (nothing when empty)."""
+    names = list(names)
+    return "|".join(re.escape(n) for n in names) if names else "(?!)"
+
+
+def _sets(values: Mapping[str, Any]) -> list[str]:
+    args: list[str] = []
+    for key, value in values.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    return args

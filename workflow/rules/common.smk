@@ -1,0 +1,11 @@
+# Paths, arguments and resources of every rule come from a2mim.workflow.Matrix, built from the
+# validated config (which also checks that runs, datasets, inits and table cells exist). Rules
+# stay thin: named inputs/outputs and one `a2mim` command.
+
+from a2mim.workflow import FIGURES, TABLES, Matrix, expose_cli, name_pattern
+
+expose_cli()
+M = Matrix(config)
+RESULTS = M.results
+EXPERIMENT = M.experiment
+CONDA_ENV = "../../envs/a2mim.yaml"
