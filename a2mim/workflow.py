@@ -181,12 +181,19 @@ class Matrix:
         return [] if init is None else [self.run_output("pretrain", init)]
 
     def table_inputs(self, table: str) -> list[str]:
-        """Outputs of every run that fills a cell of ``table`` (``table1`` ... ``table5``)."""
+        """Outputs of every run that fills a cell of ``table`` (``table1`` ... ``table5``).
+
+        A table that no run of this config fills is still written (paper numbers, ours empty),
+        after all the runs that fill other tables, so that it reflects the finished experiment."""
+        own = self._cell_runs(lambda key: table_short(key) == table)
+        return own or self._cell_runs(lambda key: True)
+
+    def _cell_runs(self, wanted) -> list[str]:
         return [
             self.run_output(stage, name)
             for stage in STAGES
             for name, spec in self.runs(stage).items()
-            if any(table_short(split_cell(c)[0]) == table for c in spec.get("cells") or [])
+            if any(wanted(split_cell(c)[0]) for c in spec.get("cells") or [])
         ]
 
     def figure_inputs(self, figure: str) -> list[str]:

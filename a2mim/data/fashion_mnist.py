@@ -431,6 +431,8 @@ def prepare_fashion_mnist(
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     wanted = _subset_args(train_per_class, val_per_class, seed)
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()  # an empty folder (Snakemake creates its outputs' parents) is no dataset
     if out_dir.exists():
         return _check_existing(out_dir, wanted)
 
