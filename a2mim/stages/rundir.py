@@ -8,8 +8,10 @@ the stage's MLflow run is opened or continued.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,38 @@ def config_hash(cfg: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+_RUN_LOCKS: dict[Path, int] = {}
+
+
+class RunInUseError(ConfigError):
+    """Another live process is running the same run folder."""
+
+
+def lock_run(out: Path) -> None:
+    """Hold an exclusive lock on ``out`` for the life of this process.
+
+    Two writers on one run folder (a second workflow on the same results, or a job that outlived
+    its controller) would interleave checkpoints and metrics. ``flock`` is released by the kernel
+    when the holder dies, even by SIGKILL, so a crashed run never blocks its own restart."""
+    key = out.resolve()
+    if key in _RUN_LOCKS:
+        return
+    path = out / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunInUseError(
+            f"{out} is being run by another live process (pid {holder}); wait for it to end or "
+            "stop it, then restart this command (it resumes from the checkpoint)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _RUN_LOCKS[key] = fd
+
+
 def open_run(
     stage: str,
     cfg: Any,
@@ -49,6 +83,8 @@ def open_run(
     MLflow params (default: all of it). ``cfg`` needs ``scale``, ``track`` and ``tracking_uri``; its
     ``tags`` (optional) become MLflow tags.
     """
+    if rank == 0:
+        lock_run(out)
     ckpt_path = out / "checkpoint.pt"
     state = checkpoint.load(ckpt_path) if ckpt_path.exists() else None
     if state is not None and state["config_hash"] != derived["config_hash"]:
@@ -56,6 +92,8 @@ def open_run(
             f"{out} holds a run with a different config (hash {state['config_hash']} vs "
             f"{derived['config_hash']}); use another --out or delete {ckpt_path}"
         )
+    if state is not None and rank == 0:
+        print(f"{stage}: resuming from {ckpt_path} at step {state['step']}", flush=True)
     if rank == 0:
         atomic.write_text(
             out / "resolved_config.yaml",
