@@ -18,6 +18,14 @@ Restarting the same command on the same directory resumes from ``checkpoint.pt``
 deterministic mode the final weights are bit-identical to an uninterrupted run: data order,
 augmentation (torch, numpy and Python RNGs), Mixup draws and drop path are all seeded per
 ``(seed, epoch, index)`` or ``(seed, step)``.
+
+Under torchrun / Submitit each rank trains on every ``world_size``-th sample of the epoch's order.
+Mixup / CutMix pair samples within each rank's batch (timm flips the batch) and draw their own
+lambda, drop path draws its own pattern per rank, and BatchNorm normalises over each rank's batch:
+per-GPU behaviour, as in the reference and timm, so a 2-process run is not the 1-process run with
+twice the batch. The logged train loss is the mean over ranks; evaluation shards the validation
+set, gives every rank rank 0's BatchNorm statistics first (those ``model.pt`` holds) and sums the
+counts, so ``top1`` is over the whole set; rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -55,7 +63,13 @@ from a2mim.train.classify import (
     rng_scope,
     tracked_derived,
 )
-from a2mim.train.distributed import resolve_device, world_info
+from a2mim.train.distributed import (
+    broadcast_buffers,
+    mean_over_ranks,
+    rank_seed,
+    resolve_device,
+    world_info,
+)
 from a2mim.train.optim import OptimConfig, build_scheduler
 from a2mim.train.sampling import mix_seed
 
@@ -466,9 +480,11 @@ def run(
             checkpoint.atomic_save(ckpt, ckpt_path)
 
         def run_eval(step_done: int, epoch_done: int) -> dict[str, float]:
+            broadcast_buffers(model)  # every shard is evaluated with the statistics rank 0 saves
             res = evaluate(model, val_loader, device, amp_dtype)
             row = {"top1": res["top1"], "top5": res["top5"], "val_loss": res["loss"]}
             if ema is not None:
+                broadcast_buffers(ema.module)
                 res_ema = evaluate(ema.module, val_loader, device, amp_dtype)
                 row.update(top1_ema=res_ema["top1"], top5_ema=res_ema["top5"])
                 row["val_loss_ema"] = res_ema["loss"]
@@ -500,8 +516,8 @@ def run(
             batches = iter(loader)
             for step in range(step, epoch_end):  # noqa: B020
                 model.train()
-                torch.manual_seed(mix_seed(cfg.seed, 1, step))  # drop path, dropout
-                loss_sum = 0.0
+                torch.manual_seed(rank_seed(mix_seed(cfg.seed, 1, step), rank))  # drop path
+                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
                 for micro in range(cfg.accum_steps):
                     img_bchw, target_b = next(batches)
                     img_bchw, target = img_bchw.to(device, non_blocking=True), target_b.to(device)
@@ -516,7 +532,8 @@ def run(
                         logits_bk = train_model(img_bchw)
                         loss = loss_fn(logits_bk.float(), target)
                     scaler.scale(loss / cfg.accum_steps).backward()
-                    loss_sum += loss.detach().float().item() / cfg.accum_steps
+                    loss_sum += loss.detach().double() / cfg.accum_steps
+                loss_sum = mean_over_ranks(loss_sum).item()  # the same on every rank
                 if not math.isfinite(loss_sum):
                     raise FloatingPointError(
                         f"non-finite loss {loss_sum} at step {step}; lower the lr or disable fp16"
@@ -532,7 +549,7 @@ def run(
                     ema.update(model, step=done)
                 scheduler.step_update(done)
                 n_last += global_batch
-                if rank == 0 and (done % cfg.log_every_steps == 0 or done == total_steps):
+                if done % cfg.log_every_steps == 0 or done == total_steps:
                     now = time.perf_counter()
                     last_train = {
                         "loss": loss_sum,
@@ -541,8 +558,9 @@ def run(
                         "epoch": epoch + (done - epoch * steps_per_epoch) / steps_per_epoch,
                     }
                     t_last, n_last = now, 0
-                    steplog.append(out / "metrics.jsonl", done, last_train)
-                    tracker.log_metrics(last_train, done)
+                    if rank == 0:
+                        steplog.append(out / "metrics.jsonl", done, last_train)
+                        tracker.log_metrics(last_train, done)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss_sum:.4f}", refresh=False)

@@ -13,6 +13,11 @@ Outputs as in ``finetune``: ``resolved_config.yaml`` (with ``derived``), ``check
 ``meta``, loadable with ``a2mim.train.classify.load_classifier``), ``metrics.jsonl`` and
 ``metrics.json`` (``top1``, ``top5`` in percent), logged to MLflow by rank 0 as in ``finetune``.
 Restarting resumes exactly.
+
+Under torchrun / Submitit each rank takes every ``world_size``-th sample and the feature
+BatchNorm normalises over each rank's batch (per GPU, as MoCo / MAE); the logged loss is the mean
+over ranks, and evaluation gives every rank rank 0's BatchNorm statistics and sums the counts of
+the shards, so ``top1`` is that of ``model.pt`` on the whole validation set.
 """
 
 from __future__ import annotations
@@ -44,7 +49,13 @@ from a2mim.train.classify import (
     load_encoder,
     tracked_derived,
 )
-from a2mim.train.distributed import resolve_device, world_info
+from a2mim.train.distributed import (
+    broadcast_buffers,
+    mean_over_ranks,
+    rank_seed,
+    resolve_device,
+    world_info,
+)
 from a2mim.train.optim import OptimConfig, build_scheduler
 from a2mim.train.sampling import mix_seed
 
@@ -306,6 +317,7 @@ def run(
             )
 
         def run_eval(step_done: int, epoch_done: int) -> dict[str, float]:
+            broadcast_buffers(probe.head)  # rank 0's feature-BN statistics, the ones it saves
             res = evaluate(probe, val_loader, device, amp_dtype)
             row = {"top1": res["top1"], "top5": res["top5"], "val_loss": res["loss"]}
             if rank == 0:
@@ -335,7 +347,7 @@ def run(
             batches = iter(loader)
             for step in range(step, epoch_end):  # noqa: B020
                 probe.train()  # the head only: the backbone stays in eval mode
-                torch.manual_seed(mix_seed(cfg.seed, 1, step))
+                torch.manual_seed(rank_seed(mix_seed(cfg.seed, 1, step), rank))
                 img_bchw, target_b = next(batches)
                 img_bchw, target_b = img_bchw.to(device, non_blocking=True), target_b.to(device)
                 if cfg.channels_last:
@@ -345,7 +357,7 @@ def run(
                 logits_bk = train_head(feat_bd.float())
                 loss = loss_fn(logits_bk, target_b)
                 scaler.scale(loss).backward()
-                loss_val = loss.detach().item()
+                loss_val = mean_over_ranks(loss.detach().double()).item()  # same on every rank
                 if not math.isfinite(loss_val):
                     raise FloatingPointError(
                         f"non-finite loss {loss_val} at step {step}; lower optim.base_lr"
@@ -356,7 +368,7 @@ def run(
                 done = step + 1
                 scheduler.step_update(done)
                 n_last += global_batch
-                if rank == 0 and (done % cfg.log_every_steps == 0 or done == total_steps):
+                if done % cfg.log_every_steps == 0 or done == total_steps:
                     now = time.perf_counter()
                     last_train = {
                         "loss": loss_val,
@@ -365,8 +377,9 @@ def run(
                         "epoch": epoch + (done - epoch * steps_per_epoch) / steps_per_epoch,
                     }
                     t_last, n_last = now, 0
-                    steplog.append(out / "metrics.jsonl", done, last_train)
-                    tracker.log_metrics(last_train, done)
+                    if rank == 0:
+                        steplog.append(out / "metrics.jsonl", done, last_train)
+                        tracker.log_metrics(last_train, done)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss_val:.4f}", refresh=False)

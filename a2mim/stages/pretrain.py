@@ -6,6 +6,12 @@ downstream stages; no mask token, no decoder), ``metrics.jsonl`` (per logged ste
 ``metrics.json`` (final) and ``figures/recon_*.png``. Restarting the same command on the same
 directory resumes from ``checkpoint.pt``; on the CPU in deterministic mode the final weights are
 bit-identical to an uninterrupted run.
+
+Under torchrun / Submitit (``world_size`` processes, ``batch_size`` each) a run sees the same
+images, augmentations and masks as one process with ``batch_size * world_size``: masks are drawn
+for the global micro-batch and sliced per rank. What stays per rank, as in the reference code
+(no SyncBN): BatchNorm batch statistics, the frequency loss's focal weights (normalised over each
+rank's batch) and drop path draws. The logged losses are the mean over ranks; rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -29,9 +35,17 @@ from a2mim.mim import MaskedImageModel, MIMConfig, get_preset
 from a2mim.mim.masking import fill_masked, upsample_mask
 from a2mim.stages.rundir import config_hash, open_run
 from a2mim.train import checkpoint, steplog
-from a2mim.train.distributed import resolve_device, world_info
+from a2mim.train.distributed import (
+    local_rows,
+    mean_over_ranks,
+    rank_seed,
+    resolve_device,
+    world_info,
+)
 from a2mim.train.optim import OptimConfig, build_optimizer, build_scheduler, scaled_lr
 from a2mim.train.sampling import EpochSampler, SeededDataset, mix_seed
+
+LOSS_KEYS = ("loss", "loss_spatial", "loss_freq")
 
 
 @dataclass(frozen=True)
@@ -225,19 +239,22 @@ def _train(
         batches = iter(loader)
         for step in range(step, (epoch + 1) * steps_per_epoch):  # noqa: B020
             model.train()
-            torch.manual_seed(mix_seed(cfg.seed, 1, step))  # drop path, dropout
-            sums = {"loss": 0.0, "loss_spatial": 0.0, "loss_freq": 0.0}
+            torch.manual_seed(rank_seed(mix_seed(cfg.seed, 1, step), rank))  # drop path, dropout
+            sums_k = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=device)
             for micro in range(cfg.accum_steps):
                 img, _ = next(batches)
                 img = img.to(device, non_blocking=True)
                 if cfg.channels_last:
                     img = img.contiguous(memory_format=torch.channels_last)
-                gen = torch.Generator().manual_seed(mix_seed(cfg.seed, 2, step, micro, rank))
+                mask_bgg = _micro_masks(model, img.shape[0], cfg.seed, step, micro, rank, world)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    out_ = train_model(img, generator=gen)
+                    out_ = train_model(img, mask_bgg.to(device))
                 scaler.scale(out_.loss / cfg.accum_steps).backward()
-                for k in sums:
-                    sums[k] += getattr(out_, k).detach().float().item() / cfg.accum_steps
+                parts = [getattr(out_, k).detach().double() for k in LOSS_KEYS]
+                sums_k += torch.stack(parts) / cfg.accum_steps
+            # mean over ranks: the global batch's spatial loss (equal shards and mask counts);
+            # every rank gets the same values, so all stop together on a non-finite loss
+            sums = dict(zip(LOSS_KEYS, mean_over_ranks(sums_k).tolist(), strict=True))
             if not all(math.isfinite(v) for v in sums.values()):
                 raise FloatingPointError(
                     f"non-finite loss {sums} at step {step}; lower the lr or disable fp16"
@@ -251,7 +268,7 @@ def _train(
             scheduler.step_update(step + 1)
             n_last += global_batch
             done = step + 1
-            if rank == 0 and (done % cfg.log_every_steps == 0 or done == total_steps):
+            if done % cfg.log_every_steps == 0 or done == total_steps:
                 now = time.perf_counter()
                 last = {
                     **sums,
@@ -260,8 +277,9 @@ def _train(
                     "epoch": epoch + (done - epoch * steps_per_epoch) / steps_per_epoch,
                 }
                 t_last, n_last = now, 0
-                steplog.append(out / "metrics.jsonl", done, last)
-                tracker.log_metrics(last, done)
+                if rank == 0:
+                    steplog.append(out / "metrics.jsonl", done, last)
+                    tracker.log_metrics(last, done)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{sums['loss']:.4f}", refresh=False)
@@ -292,6 +310,20 @@ def _train(
         )
         atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
+
+
+def _micro_masks(
+    model: MaskedImageModel, batch: int, seed: int, step: int, micro: int, rank: int, world: int
+) -> torch.Tensor:
+    """This rank's bool cell masks ``(batch, g, g)`` for micro-batch ``micro`` of ``step``.
+
+    The masks of the whole global micro-batch (``batch * world`` rows) are drawn from one
+    generator seeded by ``(seed, step, micro)`` and this rank keeps the rows of its own samples,
+    so an image gets the same mask whatever the number of processes. (The trailing 0 of the
+    seed keeps the masks of single-process runs from before masks were rank-independent.)
+    """
+    gen = torch.Generator().manual_seed(mix_seed(seed, 2, step, micro, 0))
+    return local_rows(model.masker(batch * world, generator=gen), rank, world)
 
 
 def _figure_batch(cfg: PretrainConfig, mim_cfg: MIMConfig):
