@@ -25,6 +25,9 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/linprobe.smk"
+include: "workflow/rules/detect.smk"
+include: "workflow/rules/segment.smk"
+include: "workflow/rules/analysis.smk"
 include: "workflow/rules/tables.smk"
 
 
@@ -33,3 +36,4 @@ rule all_tables:
     input:
         tables=M.table_outputs(),
         audit=f"{RESULTS}/tables/audit.md",
+        figures=M.figure_outputs(),

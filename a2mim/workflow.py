@@ -120,6 +120,8 @@ class Matrix:
             if spec["data"] not in datasets:
                 raise ConfigMatrixError(f"analysis.{figure}: data {spec['data']!r} is unknown")
             for label, ref in spec["models"].items():
+                if ref == "random":
+                    continue
                 stage, name = ref.split("/", 1)
                 if name not in self.runs(stage):
                     raise ConfigMatrixError(
@@ -154,9 +156,12 @@ class Matrix:
         last = "encoder.pt" if stage == "pretrain" else "metrics.json"
         return f"{self.run_dir(stage, name)}/{last}"
 
-    def dataset_root(self, name: str) -> str:
+    def dataset_root(self, name: str, stage: str | None = None) -> str:
+        """Where ``stage`` reads dataset ``name``: an external root as given; a generated scenes
+        set holds COCO (detect) and ADE20K (segment, under ``ade/``) layouts."""
         spec = self.config["datasets"][name]
-        return spec.get("root", f"{self.results}/data/{name}")
+        root = spec.get("root", f"{self.results}/data/{name}")
+        return f"{root}/ade" if "scenes" in spec and stage == "segment" else root
 
     def table_outputs(self, tables: Iterable[str] = TABLES) -> list[str]:
         return [f"{self.results}/tables/{t}.{ext}" for t in tables for ext in ("md", "csv", "tex")]
@@ -174,7 +179,10 @@ class Matrix:
 
     def _data_manifest(self, data: str) -> list[str]:
         spec = self.config["datasets"][data]
-        return [] if "root" in spec else [f"{self.results}/data/{data}/PREPARED.json"]
+        if "root" in spec:
+            return []
+        manifest = "manifest.json" if "scenes" in spec else "PREPARED.json"
+        return [f"{self.results}/data/{data}/{manifest}"]
 
     def init_input(self, stage: str, name: str) -> list[str]:
         init = self.runs(stage)[name].get("init")
@@ -199,7 +207,8 @@ class Matrix:
     def figure_inputs(self, figure: str) -> list[str]:
         spec = self.figures()[figure]
         files = self._data_manifest(spec["data"])
-        return files + [self.run_output(*ref.split("/", 1)) for ref in spec["models"].values()]
+        refs = [ref for ref in spec["models"].values() if ref != "random"]
+        return files + [self.run_output(*ref.split("/", 1)) for ref in refs]
 
     # -- arguments -------------------------------------------------------------------------
 
@@ -217,7 +226,7 @@ class Matrix:
         """``--config ... --out ... --set ... --tag ...`` of one run, shell-quoted."""
         spec = self.runs(stage)[name]
         sets = {
-            "data.root": self.dataset_root(spec["data"]),
+            "data.root": self.dataset_root(spec["data"], stage),
             "progress": False,
             "tracking_uri": self.tracking_uri,
             **(spec.get("set") or {}),
@@ -245,15 +254,18 @@ class Matrix:
         }
         args = ["--config", spec["recipe"], "--out", f"{self.results}/figures/{figure}"]
         for label, ref in spec["models"].items():
-            args += ["--model", f"{label}={self.run_dir(*ref.split('/', 1))}"]
+            path = ref if ref == "random" else self.run_dir(*ref.split("/", 1))
+            args += ["--model", f"{label}={path}"]
         args += _sets(sets)
         args += ["--tag", f"experiment={self.experiment}"]
         return shlex.join(args)
 
     def prepare_args(self, dataset: str) -> str:
-        spec = self.config["datasets"][dataset]["prepare"]
+        """``a2mim prepare`` options of a dataset the workflow makes (prepare or scenes)."""
+        spec = self.config["datasets"][dataset]
+        spec = spec.get("prepare") or spec["scenes"]
         args: list[str] = []
-        for key in ("train_per_class", "val_per_class", "seed"):
+        for key in ("train_per_class", "val_per_class", "seed", "train", "val", "size"):
             if key in spec:
                 args += [f"--{key.replace('_', '-')}", str(spec[key])]
         return shlex.join(args)

@@ -30,20 +30,23 @@ def test_paper_dry_run_with_slurm_profile_plans_every_job() -> None:
         assert stats.get(stage, 0) == len(paper.get(stage) or {}), (stage, stats)
     assert stats["table"] == 5 and stats["audit"] == 1 and stats["all_tables"] == 1
     launches = [line for line in out.splitlines() if line.startswith("Shell command: a2mim launch")]
-    assert len(launches) == sum(
-        len(paper.get(s) or {}) for s in ("pretrain", "finetune", "linprobe")
-    )
+    stages = ("pretrain", "finetune", "linprobe", "detect", "segment")
+    figures = paper.get("analysis") or {}
+    assert stats.get("analyze", 0) == len(figures) == 3
+    assert len(launches) == sum(len(paper.get(s) or {}) for s in stages) + len(figures)
     # The slurm profile really selects the SLURM launcher and the paper's resources, even though
     # profiles/default is applied on top of it.
     assert all("--cluster slurm" in line for line in launches)
-    assert all("--gpus-per-node 8" in line and "--tasks-per-node 8" in line for line in launches)
+    training = [line for line in launches if "-- pretrain" in line or "-- finetune" in line]
+    assert all("--gpus-per-node 8" in line and "--tasks-per-node 8" in line for line in training)
+    assert all("--gpus-per-node 4" in line for line in launches if "-- segment" in line)
     # Upstream checkpoints travel through the DAG.
     ft = next(line for line in launches if "-- finetune" in line and "a2mim_r50_300ep_a2" in line)
     assert "--init results/paper/runs/pretrain/a2mim_r50_300ep/encoder.pt" in ft
 
 
 def test_bare_invocation_runs_the_tiny_matrix_locally() -> None:
-    result = snakemake("-n", "all_tables")
+    result = snakemake("-n", "--forceall", "all_tables")  # whatever results/ already holds
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     tiny = load_config("tiny")
