@@ -54,6 +54,7 @@ install-profile:
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(SNAKEMAKE) --lint
 
 format: install
 	$(VENV)/bin/ruff check --fix .

@@ -5,6 +5,9 @@ Commands
   pretrain                A²MIM / SimMIM pre-training (resumes from --out when interrupted)
   finetune                fine-tune a pretrain encoder.pt (--init) or train from scratch
   linprobe                linear probe on frozen features of a pretrain encoder.pt (--init)
+  segment                 UperNet semantic segmentation (ADE20K layout) from an encoder.pt (--init)
+  detect                  COCO Mask R-CNN (box/mask AP) from a pretrain encoder.pt (--init)
+  analyze FIGURE          paper Figs. 1/3/5 from run folders (--model LABEL=PATH, repeated)
   tables                  paper Tables 1-5 beside our MLflow numbers, and an audit of the claims
   presets                 list the method presets and the recipes shipped with the package
 """
@@ -49,10 +52,16 @@ def _stage_config(stage: str, args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"--tag expects KEY=VALUE, got {assignment!r}")
         data.setdefault("tags", {})[key] = value  # always a string, unlike --set
+    if getattr(args, "models", None):  # analyze: the figure and each --model LABEL=PATH
+        from a2mim.stages.analyze import parse_models
+
+        data["figure"], data["models"] = args.figure, parse_models(args.models)
     return data
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    if args.dataset == "scenes":
+        return _prepare_scenes(args)
     from a2mim.data.fashion_mnist import prepare_fashion_mnist
 
     manifest = prepare_fashion_mnist(
@@ -64,6 +73,26 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     )
     print(json.dumps({k: manifest[k] for k in manifest if k.startswith(("total", "num"))}))
     print(f"prepared {args.dataset} in {args.out}")
+    return 0
+
+
+def _prepare_scenes(args: argparse.Namespace) -> int:
+    """Toy COCO + ADE20K sets (real Fashion-MNIST objects on real photos) in <out>/{coco,ade}."""
+    from a2mim.data.scenes import make_scenes
+
+    out = Path(args.out)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty folder (Snakemake creates its outputs' parents) is no dataset
+    manifest = make_scenes(
+        out,
+        n_train=args.train or 400,
+        n_val=args.val or 100,
+        img_size=args.size,
+        seed=args.seed,
+        fmnist_dir=args.source,
+    )
+    print(json.dumps({k: v for k, v in manifest.items() if isinstance(v, int | float | str)}))
+    print(f"prepared scenes in {out}")
     return 0
 
 
@@ -121,7 +150,10 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     print("method presets (model.preset):")
     for name, (_, note) in PRESETS.items():
         print(f"  {name:20s} {note}")
-    print("pretrain recipes (--config NAME):", ", ".join(recipes.available("pretrain")))
+    for stage in ("pretrain", "finetune", "linprobe", "detect", "segment", "analyze"):
+        names = recipes.available(stage)
+        if names:
+            print(f"{stage} recipes (a2mim {stage} --config NAME):", ", ".join(names))
     return 0
 
 
@@ -137,15 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "prepare",
         help="write a dataset in ImageFolder layout",
-        description="Write real Fashion-MNIST (Debian's dataset-fashion-mnist, or the official "
+        description="fashion-mnist: write real Fashion-MNIST (Debian's dataset-fashion-mnist, "
+        "or the official "
         "download where that is absent) as <out>/{train,val}/<class>/<index>.png.",
     )
-    p.add_argument("dataset", choices=["fashion-mnist"], help="dataset to prepare")
+    p.add_argument(
+        "dataset",
+        choices=["fashion-mnist", "scenes"],
+        help="fashion-mnist (ImageFolder) or scenes (toy COCO + ADE20K sets)",
+    )
     p.add_argument("--out", required=True, type=Path, help="output folder (created atomically)")
     p.add_argument("--source", type=Path, help="folder with the four IDX .gz files")
     p.add_argument("--train-per-class", type=int, help="balanced subset: train images per class")
     p.add_argument("--val-per-class", type=int, help="balanced subset: val images per class")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset draw (default 0)")
+    p.add_argument("--train", type=int, help="scenes: training images (default 400)")
+    p.add_argument("--val", type=int, help="scenes: validation images (default 100)")
+    p.add_argument("--size", type=int, default=128, help="scenes: image side in px (default 128)")
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser(
@@ -181,6 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
             "(--init <run>/encoder.pt; without it, of a random-init backbone). Restarting the "
             "same command resumes from <out>/checkpoint.pt.",
         ),
+        (
+            "detect",
+            "COCO Mask R-CNN (torchvision or detectron2 backend)",
+            "Fine-tune Mask R-CNN on a COCO-format instance set from the encoder of a pretrain "
+            "run (--init <run>/encoder.pt; without it, from scratch) and report box/mask AP. "
+            "Restarting the same command resumes from <out>/checkpoint.pt.",
+        ),
+        (
+            "segment",
+            "semantic segmentation (UperNet, ADE20K layout)",
+            "Train UperNet on the encoder of a pretrain run (--init <run>/encoder.pt; without "
+            "it, from scratch) and report mIoU. Restarting the same command resumes from "
+            "<out>/checkpoint.pt.",
+        ),
     ):
         p = sub.add_parser(name, help=help_, description=desc)
         p.add_argument(
@@ -202,6 +256,28 @@ def build_parser() -> argparse.ArgumentParser:
             help="override a config value, e.g. --set epochs=5 --set data.root=/data/in1k",
         )
         p.set_defaults(func=_cmd_stage)
+
+    p = sub.add_parser(
+        "analyze",
+        help="paper Figs. 1, 3, 5 from finished runs",
+        description="figure1: occlusion robustness and multi-order interactions of finetune "
+        "runs; figure3: Fourier / variance of block outputs of pretrain or finetune runs; "
+        "figure5: reconstructions of pretrain runs. Writes <out>/FIGURE.png/.svg/.csv and "
+        "metrics.json; PATH 'random' is a random-init model (figures 1, 3).",
+    )
+    p.add_argument("figure", choices=["figure1", "figure3", "figure5"], help="which figure")
+    p.add_argument("--config", required=True, help="YAML file or recipe (analyze_<NAME>.yaml)")
+    p.add_argument("--out", required=True, type=Path, help="output folder of the figure")
+    p.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        required=True,
+        metavar="LABEL=PATH",
+        help="a curve / row: legend label and run folder, e.g. --model A2MIM=results/runs/ft",
+    )
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+    p.set_defaults(func=_cmd_stage)
 
     from a2mim import launch
 

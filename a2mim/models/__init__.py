@@ -1,0 +1,1 @@
+"""Task networks built around a timm encoder (UperNet for semantic segmentation)."""

@@ -1,0 +1,713 @@
+"""Stage ``segment``: ADE20K-style semantic segmentation with UperNet (the paper's ADE20K transfer).
+
+``run(cfg, out_dir) -> metrics``. The network is `a2mim.models.upernet.UperNetSegmenter`: a timm
+encoder loaded strictly from ``cfg.init`` (a pretrain ``encoder.pt``; without one it trains from
+scratch), BEiT's simple pyramid for plain ViTs, transformers' UperNet head (PPM 1, 2, 3, 6) and
+an auxiliary FCN head (loss weight 0.4), as mmsegmentation's ``upernet_*_512x512_160k_ade20k``.
+
+Protocol (paper A.3, "following MAE", in MMSegmentation): iteration-based training (160k
+iterations at batch 16), mmseg's ADE20K pipeline (`a2mim.data.seg_transforms`: random rescale of
+(2048, 512) by 0.5-2.0, 512 crop with ``cat_max_ratio`` 0.75, flip, photometric distortion),
+pixel cross-entropy with ignore index 255 (mmseg's mean over all pixels by default,
+``loss.avg_non_ignore`` for the mean over labelled ones), a timm optimizer (AdamW) with layer-wise
+lr decay for ViTs (mmseg ``LayerDecayOptimizerConstructor``: embeddings ``d^(L+1)``, block i
+``d^(L-i)``, neck and heads 1), linear warm-up then a per-iteration poly schedule (MMEngine's
+``LinearLR`` + ``PolyLR``; timm ``PolyLRScheduler``). Evaluation runs at the end (and every
+``eval.every_steps``): each image is resized to fit ``img_scale`` (keep ratio), predicted whole or
+by sliding ``crop_size`` windows, and the logits are resized back to the label's size. ``miou``
+is torchmetrics' ``MulticlassJaccardIndex(average="macro", ignore_index)`` (mmseg's mIoU: classes
+absent from both prediction and label are left out), ``aacc`` / ``macc`` mmseg's overall and
+mean class accuracy (classes without labelled pixels left out), all in percent.
+
+Outputs: ``resolved_config.yaml`` (with ``derived``), ``checkpoint.pt`` (model, optimizer,
+scheduler, grad scaler, step; atomic, every ``ckpt_every_steps``), ``model.pt`` (final weights +
+``meta``), ``metrics.jsonl`` (train lines per logged step, eval lines), ``per_class_iou.json``
+and, last, ``metrics.json`` (``miou``, ``aacc``, ``macc``, ``final_loss``); rank 0 logs params,
+metrics and files to MLflow. Restarting the same command resumes from ``checkpoint.pt``; on the
+CPU in deterministic mode the final weights are bit-identical to an uninterrupted run: the
+sample order is a function of ``(seed, epoch)``, each sample's augmentation of ``(seed, epoch,
+index)`` and dropout / drop path of ``(seed, step, rank)``.
+
+Under torchrun / Submitit rank ``r`` takes rows ``r, r + world, ...`` of each global batch,
+BatchNorm is synchronised over ranks on CUDA (mmseg's SyncBN; ``sync_bn``), the logged loss is
+the mean over ranks and evaluation shards the validation images (torchmetrics sums the counts).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2, list_optimizers
+from timm.scheduler import PolyLRScheduler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
+
+from a2mim import atomic
+from a2mim.config import ConfigError, from_dict
+from a2mim.data.ade import ADE20KSegmentation
+from a2mim.data.seg_transforms import SegTrainTransform, eval_input
+from a2mim.models.upernet import (
+    UperNetSegmenter,
+    build_upernet,
+    load_init,
+    param_groups,
+    slide_logits,
+    whole_logits,
+)
+from a2mim.stages.rundir import config_hash, open_run
+from a2mim.train import checkpoint, steplog
+from a2mim.train.classify import check_backbone, tracked_derived
+from a2mim.train.distributed import (
+    broadcast_buffers,
+    mean_over_ranks,
+    rank_seed,
+    resolve_device,
+    world_info,
+)
+from a2mim.train.sampling import mix_seed
+
+__all__ = [
+    "DataConfig",
+    "EvalConfig",
+    "LossConfig",
+    "ModelConfig",
+    "SegMetrics",
+    "SegmentConfig",
+    "SegmentOptimConfig",
+    "StreamSampler",
+    "build_model",
+    "build_optimizer",
+    "build_scheduler",
+    "evaluate",
+    "load_config",
+    "run",
+    "seg_loss",
+]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Encoder and heads. ``backbone_kwargs`` must match the pre-training run's (``encoder.pt``
+    meta). ``out_indices``: the four ``feature_info`` indices the heads read (null: the last
+    four stages of a hierarchical encoder, four evenly spaced blocks of a plain ViT; MAE / BEiT
+    use blocks 3, 5, 7, 11 of ViT-B). ``channels``: UperNet width (mmseg: 512 for ResNet-50,
+    768 for the MAE / BEiT ViT-B). ``aux_weight: 0`` drops the auxiliary FCN head."""
+
+    backbone: str = "resnet50"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    out_indices: tuple[int, ...] | None = None
+    channels: int = 512
+    pool_scales: tuple[int, ...] = (1, 2, 3, 6)
+    aux_channels: int = 256
+    aux_in_index: int = 2
+    aux_weight: float = 0.4
+    dropout: float = 0.1
+    drop_path_rate: float = 0.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """An ADE20K-layout folder (`a2mim.data.ade`) and mmseg's pipeline (`a2mim.data.seg_transforms`;
+    ``img_scale`` is ``(long, short)``, also the test size). ``reduce_zero_label``: raw 0 is
+    ignored and 1..K become 0..K-1 (ADE20K; the toy scenes too, with ``num_classes: 11``)."""
+
+    root: str = "data/ade20k/ADEChallengeData2016"
+    split: str = "training"
+    val_split: str = "validation"
+    num_classes: int = 150
+    reduce_zero_label: bool = True
+    ignore_index: int = 255
+    img_scale: tuple[int, int] = (2048, 512)
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    crop_size: int = 512
+    cat_max_ratio: float = 0.75
+    hflip: float = 0.5
+    photometric: bool = True
+    num_workers: int = 4
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Test-time inference: ``whole`` (one pass; mmseg's ResNet UperNet) or ``slide``
+    (``crop_size`` windows every ``stride`` pixels; mmseg's ViT UperNet, stride 341).
+    ``every_steps``: also evaluate during training (null: only at the end)."""
+
+    mode: Literal["whole", "slide"] = "whole"
+    stride: int = 341
+    every_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Pixel cross-entropy ignoring ``data.ignore_index``. mmseg's default
+    (``avg_non_ignore: false``) divides by all pixels of the batch, ignored ones included;
+    ``true`` divides by the labelled pixels only."""
+
+    avg_non_ignore: bool = False
+
+
+@dataclass(frozen=True)
+class SegmentOptimConfig:
+    """A timm optimizer (``create_optimizer_v2``) over `a2mim.models.upernet.param_groups`;
+    ``lr = base_lr * global_batch / lr_batch_divisor`` (the divisor 16 keeps mmseg's absolute
+    lr at batch 16). Warm-up: ``warmup_iters`` linear from ``lr * warmup_ratio``; then poly
+    ``(lr - min_lr) * (1 - t / T) ** power + min_lr`` over the remaining iterations."""
+
+    opt: str = "adamw"
+    base_lr: float = 1e-4
+    lr_batch_divisor: int = 16
+    weight_decay: float = 0.05
+    betas: tuple[float, float] | None = (0.9, 0.999)
+    momentum: float = 0.9
+    layer_decay: float | None = None
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    power: float = 1.0
+    min_lr: float = 0.0
+    grad_clip: float | None = None
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: SegmentOptimConfig = field(default_factory=SegmentOptimConfig)
+    scale: Literal["tiny", "small", "paper"] = "paper"
+    init: str | None = None  # encoder.pt of a pretrain run; null trains from scratch
+    iters: int = 160_000
+    batch_size: int = 16  # per process
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    sync_bn: bool = True  # SyncBatchNorm across ranks (CUDA, world_size > 1), as mmseg
+    seed: int = 0
+    deterministic: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    ckpt_every_steps: int = 2000
+    log_every_steps: int = 50
+    progress: bool = True
+    track: bool = True  # MLflow (a2mim.tracking); rank 0 only
+    tracking_uri: str | None = None  # default: sqlite under the results folder, or env
+    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (not hashed)
+
+
+def load_config(data: dict[str, Any], where: str = "config") -> SegmentConfig:
+    """Validate a mapping into a ``SegmentConfig`` (unknown keys and bad values are errors)."""
+    cfg = from_dict(SegmentConfig, data, where)
+    check_backbone(cfg.model.backbone, where)
+    if cfg.optim.opt.lower() not in list_optimizers():
+        close = difflib.get_close_matches(cfg.optim.opt.lower(), list_optimizers(), n=3)
+        raise ConfigError(
+            f"{where}: optim.opt {cfg.optim.opt!r} is not a timm optimizer"
+            + (f" (did you mean {close}?)" if close else "")
+        )
+    if cfg.optim.layer_decay is not None and not 0 < cfg.optim.layer_decay <= 1:
+        raise ConfigError(
+            f"{where}: optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}"
+        )
+    for name in ("iters", "batch_size", "ckpt_every_steps", "log_every_steps"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{where}: {name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.batch_size < 2:
+        raise ConfigError(
+            f"{where}: batch_size must be >= 2 (BatchNorm in the heads, and the 1x1 pyramid "
+            f"pooling level, need more than one value per channel), got {cfg.batch_size}"
+        )
+    if not 0 <= cfg.optim.warmup_iters < cfg.iters:
+        raise ConfigError(
+            f"{where}: optim.warmup_iters must be in [0, iters={cfg.iters}), got "
+            f"{cfg.optim.warmup_iters}"
+        )
+    d = cfg.data
+    if not 1 <= d.num_classes < d.ignore_index <= 255:
+        raise ConfigError(
+            f"{where}: need 1 <= data.num_classes < data.ignore_index <= 255, got "
+            f"{d.num_classes} and {d.ignore_index}"
+        )
+    if d.crop_size < 1 or min(d.img_scale) < 1:
+        raise ConfigError(f"{where}: data.crop_size and data.img_scale must be positive")
+    if not 0 < d.ratio_range[0] <= d.ratio_range[1]:
+        raise ConfigError(f"{where}: data.ratio_range must satisfy 0 < lo <= hi")
+    if cfg.eval.mode == "slide" and not 1 <= cfg.eval.stride <= d.crop_size:
+        raise ConfigError(
+            f"{where}: eval.stride must be in [1, data.crop_size={d.crop_size}], got "
+            f"{cfg.eval.stride}"
+        )
+    if cfg.eval.every_steps is not None and cfg.eval.every_steps < 1:
+        raise ConfigError(f"{where}: eval.every_steps must be >= 1 or null")
+    m = cfg.model
+    if m.out_indices is not None and len(m.out_indices) != 4:
+        raise ConfigError(f"{where}: model.out_indices needs 4 indices, got {m.out_indices}")
+    if m.aux_weight < 0 or not 0 <= m.aux_in_index < 4:
+        raise ConfigError(f"{where}: model.aux_weight must be >= 0 and aux_in_index in 0..3")
+    return cfg
+
+
+# ------------------------------------------------------------------------------- model, optim
+
+
+def build_model(cfg: SegmentConfig) -> tuple[UperNetSegmenter, dict | None]:
+    """The segmenter, its encoder loaded strictly from ``cfg.init`` when set; returns
+    ``(model, init_report)``. Random init draws from the global torch generator: seed it first."""
+    m = cfg.model
+    model = build_upernet(
+        m.backbone,
+        cfg.data.num_classes,
+        cfg.data.crop_size,
+        m.backbone_kwargs,
+        drop_path_rate=m.drop_path_rate,
+        out_indices=None if m.out_indices is None else list(m.out_indices),
+        channels=m.channels,
+        pool_scales=m.pool_scales,
+        aux_channels=m.aux_channels if m.aux_weight > 0 else None,
+        aux_in_index=m.aux_in_index,
+        dropout=m.dropout,
+    )
+    report = None
+    if cfg.init is not None:
+        report = load_init(model, cfg.init, m.backbone, m.backbone_kwargs, cfg.data.crop_size)
+    return model, report
+
+
+def build_optimizer(
+    model: UperNetSegmenter, cfg: SegmentOptimConfig, lr: float
+) -> torch.optim.Optimizer:
+    """timm's optimizer over the weight-decay / layer-decay groups of `param_groups`."""
+    extra: dict[str, Any] = {}
+    if cfg.betas is not None and cfg.opt.lower() not in ("sgd", "momentum", "nesterov"):
+        extra["betas"] = cfg.betas
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
+    return create_optimizer_v2(
+        groups, opt=cfg.opt.lower(), lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+        **extra,
+    )  # fmt: skip
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: SegmentOptimConfig, total_steps: int, lr: float
+) -> PolyLRScheduler:
+    """Linear warm-up from ``lr * warmup_ratio`` over ``warmup_iters``, then poly decay to
+    ``min_lr`` at ``total_steps`` (stepped per iteration with ``step_update``; honours each
+    group's ``lr_scale``)."""
+    return PolyLRScheduler(
+        optimizer,
+        t_initial=total_steps - cfg.warmup_iters,
+        power=cfg.power,
+        lr_min=cfg.min_lr,
+        warmup_t=cfg.warmup_iters,
+        warmup_lr_init=lr * cfg.warmup_ratio,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+
+
+def seg_loss(
+    logits_bkhw: torch.Tensor, label_bhw: torch.Tensor, ignore_index: int, avg_non_ignore: bool
+) -> torch.Tensor:
+    """Cross-entropy of logits resized (bilinear) to the label's size, in float32; the mean over
+    all pixels (mmseg default, ignored pixels count as 0) or over labelled pixels only."""
+    logits = F.interpolate(
+        logits_bkhw.float(), size=label_bhw.shape[-2:], mode="bilinear", align_corners=False
+    )
+    loss_bhw = F.cross_entropy(logits, label_bhw, ignore_index=ignore_index, reduction="none")
+    if avg_non_ignore:
+        return loss_bhw.sum() / (label_bhw != ignore_index).sum().clamp(min=1)
+    return loss_bhw.mean()
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+class StreamSampler(Sampler[tuple[int, int]]):
+    """Keys ``(epoch, index)`` of the training stream, for steps ``[start, stop)``.
+
+    The stream visits the images in a permutation drawn from ``(seed, epoch)``, epoch after
+    epoch, without a gap at epoch ends (mmseg's infinite sampler); step ``s`` takes stream
+    positions ``s * global_batch .. + global_batch`` and rank ``r`` its rows ``r, r + world, ...``.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int,
+        batch_size: int,
+        start: int,
+        stop: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.num_samples, self.seed, self.batch_size = num_samples, seed, batch_size
+        self.start, self.stop, self.rank, self.world_size = start, stop, rank, world_size
+        self._perm: tuple[int, list[int]] | None = None
+
+    def _order(self, epoch: int) -> list[int]:
+        if self._perm is None or self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+            self._perm = (epoch, torch.randperm(self.num_samples, generator=gen).tolist())
+        return self._perm[1]
+
+    def __iter__(self):
+        global_batch = self.batch_size * self.world_size
+        for step in range(self.start, self.stop):
+            for row in range(self.batch_size):
+                epoch, pos = divmod(step * global_batch + row * self.world_size + self.rank,
+                                    self.num_samples)  # fmt: skip
+                yield epoch, self._order(epoch)[pos]
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start) * self.batch_size
+
+
+class AugmentedSegSet(Dataset):
+    """Key ``(epoch, index)`` -> the training transform of item ``index`` with a numpy
+    generator seeded from ``(seed, epoch, index)``."""
+
+    def __init__(self, dataset: ADE20KSegmentation, transform: SegTrainTransform, seed: int):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = key
+        img_chw, label_hw = self.dataset[index]
+        rng = np.random.default_rng([self.seed, epoch, index])
+        return self.transform(img_chw, label_hw, rng)
+
+
+@dataclass(frozen=True)
+class _TestInput:
+    """Dataset transform for evaluation: the test-size, normalised image and the label as is."""
+
+    img_scale: tuple[int, int]
+
+    def __call__(self, img_chw: torch.Tensor, label_hw: torch.Tensor):
+        return eval_input(img_chw, self.img_scale), label_hw
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+class SegMetrics:
+    """mmseg's segmentation metrics over many images, ignoring ``ignore_index`` pixels.
+
+    ``miou``: torchmetrics ``MulticlassJaccardIndex(average="macro")``, the mean IoU over the
+    classes present in the labels or the predictions (a class absent from both is left out, as
+    mmseg's ``nanmean``). ``aacc``: correct / labelled pixels. ``macc``: mean per-class recall
+    over the classes with labelled pixels. Percent. Counts are summed over ranks on ``compute``.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int, device: torch.device | str = "cpu"):
+        self.jaccard = MulticlassJaccardIndex(
+            num_classes, average="macro", ignore_index=ignore_index
+        ).to(device)
+        self.confmat = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index).to(device)
+
+    def update(self, pred_bhw: torch.Tensor, label_bhw: torch.Tensor) -> None:
+        self.jaccard.update(pred_bhw, label_bhw)
+        self.confmat.update(pred_bhw, label_bhw)
+
+    def compute(self) -> dict[str, Any]:
+        """``{"miou", "aacc", "macc", "iou_per_class"}`` (per-class IoU NaN where a class is in
+        neither labels nor predictions)."""
+        cm = self.confmat.compute().double().cpu()  # rows: label, columns: prediction
+        hits, labelled, predicted = cm.diag(), cm.sum(1), cm.sum(0)
+        union = labelled + predicted - hits
+        iou = torch.where(union > 0, hits / union.clamp(min=1), torch.nan)
+        recall = torch.where(labelled > 0, hits / labelled.clamp(min=1), torch.nan)
+        return {
+            "miou": 100.0 * float(self.jaccard.compute()),
+            "aacc": 100.0 * float(hits.sum() / cm.sum().clamp(min=1)),
+            "macc": 100.0 * float(recall.nanmean()),
+            "iou_per_class": [100.0 * float(v) for v in iou],
+        }
+
+
+@torch.no_grad()
+def evaluate(
+    model: UperNetSegmenter,
+    loader: DataLoader,
+    cfg: SegmentConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """`SegMetrics` of ``model`` over ``loader`` (items: test-size normalised image, label at
+    its original size; batch size 1 since sizes differ): logits whole or slid, resized to the
+    label, arg-max."""
+    was_training = model.training
+    model.eval()
+    metrics = SegMetrics(cfg.data.num_classes, cfg.data.ignore_index, device)
+    for img_bchw, label_bhw in loader:
+        img_bchw, label_bhw = img_bchw.to(device), label_bhw.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            if cfg.eval.mode == "slide":
+                logits = slide_logits(model, img_bchw, cfg.data.crop_size, cfg.eval.stride)
+            else:
+                logits = whole_logits(model, img_bchw)
+        logits = F.interpolate(
+            logits.float(), size=label_bhw.shape[-2:], mode="bilinear", align_corners=False
+        )
+        metrics.update(logits.argmax(1), label_bhw)
+    model.train(was_training)
+    return metrics.compute()
+
+
+# ------------------------------------------------------------------------------------- run
+
+
+def run(
+    cfg: SegmentConfig, out_dir: str | Path, stop_after_steps: int | None = None
+) -> dict[str, float]:
+    """Train (or resume) into ``out_dir`` and evaluate; returns the final metrics.
+
+    ``stop_after_steps`` (tests) returns right after that many optimizer steps, with nothing
+    written beyond the periodic checkpoints, as if the process had been killed there.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rank, world = world_info()
+    device = resolve_device(cfg.device)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        torch.backends.cudnn.benchmark = False
+    if cfg.init is not None and not Path(cfg.init).is_file():
+        raise FileNotFoundError(
+            f"init checkpoint {cfg.init} does not exist; pass the encoder.pt of a pretrain run"
+        )
+    d = cfg.data
+    ade = {
+        "reduce_zero_label": d.reduce_zero_label,
+        "num_classes": d.num_classes,
+        "ignore_index": d.ignore_index,
+    }
+    train_set = ADE20KSegmentation(d.root, d.split, **ade)
+    val_set = ADE20KSegmentation(d.root, d.val_split, transforms=_TestInput(d.img_scale), **ade)
+    global_batch = cfg.batch_size * world
+    total_steps = cfg.iters
+    lr = cfg.optim.base_lr * global_batch / cfg.optim.lr_batch_divisor
+
+    torch.manual_seed(cfg.seed)
+    model, init_report = build_model(cfg)
+    if world > 1 and cfg.sync_bn and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    optimizer = build_optimizer(model, cfg.optim, lr)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps, lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    train_model: nn.Module = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    derived = {
+        "global_batch": global_batch,
+        "lr": lr,
+        "total_steps": total_steps,
+        "epochs": total_steps * global_batch / len(train_set),
+        "world_size": world,
+        "num_images": len(train_set),
+        "num_val_images": len(val_set),
+        "num_classes": d.num_classes,
+        "out_indices": list(model.out_indices),
+        "in_channels": list(model.in_channels),
+        "strides": list(model.strides),
+        "simple_pyramid": model.plain,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "lr_scales": sorted({round(g.get("lr_scale", 1.0), 6) for g in optimizer.param_groups}),
+        "init": init_report,
+        "config_hash": config_hash(cfg),
+    }
+    preset = "scratch" if init_report is None else init_report["meta"].get("preset") or "unknown"
+    state, tracker = open_run(
+        "segment",
+        cfg,
+        out,
+        derived,
+        tags={"method": preset.split("_")[0], "backbone": cfg.model.backbone, "preset": preset},
+        rank=rank,
+        tracked=tracked_derived(derived),
+    )
+    ckpt_path = out / "checkpoint.pt"
+    with tracker:
+        if rank == 0:
+            tracker.log_artifact(out / "resolved_config.yaml")
+        step = 0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            step = int(state["step"])
+            steplog.truncate(out / "metrics.jsonl", step)
+        scheduler.step_update(step)
+
+        transform = SegTrainTransform(
+            img_scale=d.img_scale,
+            ratio_range=d.ratio_range,
+            crop_size=d.crop_size,
+            cat_max_ratio=d.cat_max_ratio,
+            hflip=d.hflip,
+            photometric=d.photometric,
+            ignore_index=d.ignore_index,
+        )
+        loader = DataLoader(
+            AugmentedSegSet(train_set, transform, cfg.seed),
+            batch_size=cfg.batch_size,
+            sampler=StreamSampler(
+                len(train_set), cfg.seed, cfg.batch_size, step, total_steps, rank, world
+            ),
+            num_workers=d.num_workers,
+            drop_last=True,
+        )
+        val_loader = DataLoader(
+            Subset(val_set, range(rank, len(val_set), world)),
+            batch_size=1,
+            num_workers=d.num_workers,
+        )
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        progress = _progress(cfg, rank, total_steps, step)
+        last_train: dict[str, float] = {}
+        t_last, n_last = time.perf_counter(), 0
+
+        def save(step_done: int) -> None:
+            if rank != 0:
+                return
+            tracker.flush()  # the metrics up to this step reach the store before the checkpoint
+            ckpt = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "step": step_done,
+                "config_hash": derived["config_hash"],
+            }
+            checkpoint.atomic_save(ckpt, ckpt_path)
+
+        def run_eval(step_done: int) -> dict[str, Any]:
+            broadcast_buffers(model)  # every shard is evaluated with the statistics rank 0 saves
+            res = evaluate(model, val_loader, cfg, device, amp_dtype)
+            row = {k: res[k] for k in ("miou", "aacc", "macc")}
+            if rank == 0:
+                steplog.append(out / "metrics.jsonl", step_done, row)
+                tracker.log_metrics(row, step_done)
+            return res
+
+        batches = iter(loader)
+        for step in range(step, total_steps):  # noqa: B020
+            model.train()
+            torch.manual_seed(rank_seed(mix_seed(cfg.seed, 1, step), rank))  # dropout, drop path
+            img_bchw, label_bhw = next(batches)
+            img_bchw, label_bhw = img_bchw.to(device, non_blocking=True), label_bhw.to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits, aux_logits = train_model(img_bchw)
+            ignore, avg = d.ignore_index, cfg.loss.avg_non_ignore
+            loss_decode = seg_loss(logits, label_bhw, ignore, avg)
+            loss_aux = torch.zeros_like(loss_decode)
+            if aux_logits is not None:
+                loss_aux = seg_loss(aux_logits, label_bhw, ignore, avg)
+            loss = loss_decode + cfg.model.aux_weight * loss_aux
+            scaler.scale(loss).backward()
+            parts = mean_over_ranks(torch.stack([loss, loss_decode, loss_aux]).detach().double())
+            loss_value, decode_value, aux_value = parts.tolist()  # the same on every rank
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"non-finite loss {loss_value} at step {step}; lower the lr or disable fp16"
+                )
+            if cfg.optim.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            scheduler.step_update(done)
+            n_last += global_batch
+            if done % cfg.log_every_steps == 0 or done == total_steps:
+                now = time.perf_counter()
+                last_train = {
+                    "loss": loss_value,
+                    "loss_decode": decode_value,
+                    "loss_aux": aux_value,
+                    "lr": max(g["lr"] for g in optimizer.param_groups),
+                    "img_per_s": n_last / max(now - t_last, 1e-9),
+                }
+                t_last, n_last = now, 0
+                if rank == 0:
+                    steplog.append(out / "metrics.jsonl", done, last_train)
+                    tracker.log_metrics(last_train, done)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            if done < total_steps:
+                # an evaluation comes before the checkpoint of its step, so a resumed run
+                # never skips one
+                if cfg.eval.every_steps and done % cfg.eval.every_steps == 0:
+                    run_eval(done)
+                if done % cfg.ckpt_every_steps == 0:
+                    save(done)
+            if stop_after_steps is not None and done >= stop_after_steps:
+                if progress is not None:
+                    progress.close()
+                tracker.close("KILLED")  # interrupted; a restart sets the run RUNNING again
+                return {"stopped_at_step": float(done)}
+        if progress is not None:
+            progress.close()
+
+        last_eval = run_eval(total_steps)
+        save(total_steps)
+        metrics = {k: last_eval[k] for k in ("miou", "aacc", "macc")}
+        if last_train:
+            metrics["final_loss"] = last_train["loss"]
+        if rank == 0:
+            _write_outputs(out, cfg, model, derived, init_report, last_eval)
+            atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+            tracker.log_artifact(out / "per_class_iou.json")
+            tracker.log_artifact(out / "metrics.json")
+        return metrics
+
+
+def _write_outputs(
+    out: Path,
+    cfg: SegmentConfig,
+    model: UperNetSegmenter,
+    derived: dict[str, Any],
+    init_report: dict | None,
+    result: dict[str, Any],
+) -> None:
+    """``model.pt`` (weights + what rebuilds the network) and ``per_class_iou.json``."""
+    meta = {
+        "stage": "segment",
+        "backbone": cfg.model.backbone,
+        "backbone_kwargs": dict(cfg.model.backbone_kwargs),
+        "crop_size": cfg.data.crop_size,
+        "num_classes": cfg.data.num_classes,
+        "out_indices": list(model.out_indices),
+        "init": cfg.init,
+        "init_sha256": None if init_report is None else init_report["sha256"],
+        "config_hash": derived["config_hash"],
+        "steps": derived["total_steps"],
+    }
+    checkpoint.atomic_save({"state_dict": model.state_dict(), "meta": meta}, out / "model.pt")
+    per_class = {
+        str(k): (None if math.isnan(v) else v) for k, v in enumerate(result["iou_per_class"])
+    }
+    atomic.write_text(out / "per_class_iou.json", json.dumps(per_class, indent=2))
+
+
+def _progress(cfg: SegmentConfig, rank: int, total: int, start: int):
+    if not cfg.progress or rank != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="segment", unit="step", mininterval=2.0)

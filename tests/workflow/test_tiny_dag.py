@@ -1,0 +1,95 @@
+"""The tiny workflow for real, with the default profile: every stage as a local Submitit job on
+real Fashion-MNIST and the toy scenes, to the tables (from MLflow) and the figures. Then a bad
+input that crashes a job: clear message, non-zero exit, nothing marked complete."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from a2mim.tracking import query_runs
+
+from .conftest import job_stats, load_config, snakemake, write_config
+
+DAG_TIMEOUT_S = 2400
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    cfg = load_config("tiny")
+    cfg["results"] = str(tmp / "results" / "tiny")
+    path = write_config(tmp / "tiny.yaml", cfg)
+    result = snakemake(f"--configfile={path}", "all_tables", timeout=DAG_TIMEOUT_S)
+    return cfg, path, result
+
+
+@pytest.mark.slow
+def test_tiny_dag_runs_to_tables_and_figures(tiny_run):
+    cfg, _, result = tiny_run
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    results = cfg["results"]
+    from pathlib import Path
+
+    tables = Path(results) / "tables"
+    for t in ("table1", "table2", "table3", "table4", "table5"):
+        for ext in ("md", "csv", "tex"):
+            assert (tables / f"{t}.{ext}").stat().st_size > 0
+    table1 = (tables / "table1.md").read_text()
+    assert "tiny" in table1 and "NOT comparable" in table1
+    # Our numbers in the table are the MLflow values of the runs (not files).
+    runs = query_runs(f"sqlite:///{Path(results).resolve()}/mlflow.db")
+    finished = [r for r in runs if r["tags"].get("experiment") == "tiny"]
+    stages = {r["tags"]["stage"] for r in finished}
+    assert {"pretrain", "finetune", "linprobe", "detect", "segment", "analysis"} <= stages
+    ft = next(r for r in finished if r["tags"].get("run_name") == "finetune/a2mim_r18")
+    top1 = json.loads((Path(results) / "runs/finetune/a2mim_r18/metrics.json").read_text())["top1"]
+    assert ft["metrics"]["top1"] == pytest.approx(top1)
+    assert f"{top1:.1f}" in table1
+    audit = (tables / "audit.md").read_text()
+    assert "holds" in audit or "fails" in audit
+    for fig in ("figure1", "figure3", "figure5"):
+        for ext in ("png", "svg", "csv"):
+            assert (Path(results) / "figures" / fig / f"{fig}.{ext}").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_forcerun_of_one_stage_replans_only_it_and_its_dependents(tiny_run):
+    _, path, result = tiny_run
+    assert result.returncode == 0
+    plan = snakemake("-n", "all_tables", f"--configfile={path}", "--forcerun", "linprobe")
+    stats = job_stats(plan.stdout + plan.stderr)
+    assert stats["linprobe"] == 2
+    assert "pretrain" not in stats and "finetune" not in stats and "detect" not in stats
+    assert stats["table"] == 1 and stats["audit"] == 1  # table1 (the probe's cells) + audit
+
+
+@pytest.mark.slow
+def test_crashing_job_fails_the_dag_and_marks_nothing_complete(tmp_path):
+    cfg = copy.deepcopy(load_config("tiny"))
+    cfg["results"] = str(tmp_path / "results" / "bad")
+    cfg["experiment"] = "bad"
+    cfg["datasets"]["missing"] = {"root": str(tmp_path / "no-such-imagenet")}
+    cfg["pretrain"] = {"p": {"recipe": "tiny", "data": "missing"}}
+    cfg["finetune"] = {
+        "f": {
+            "recipe": "tiny",
+            "data": "missing",
+            "init": "p",
+            "cells": cfg["finetune"]["a2mim_r18"]["cells"],
+        }
+    }
+    for key in ("linprobe", "detect", "segment", "analysis"):
+        cfg.pop(key, None)
+    path = write_config(tmp_path / "bad.yaml", cfg)
+    result = snakemake(f"--configfile={path}", "all_tables", timeout=600)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    log = (tmp_path / "results/bad/logs/pretrain/p.log").read_text()
+    assert "no-such-imagenet" in log and "failed" in log  # the job's stderr tail, in the rule log
+    assert not (tmp_path / "results/bad/runs/pretrain/p/encoder.pt").exists()
+    assert "Error in rule pretrain" in out
+    again = snakemake("-n", f"--configfile={path}", "all_tables")
+    assert job_stats(again.stdout + again.stderr)["pretrain"] == 1  # still to do
