@@ -288,9 +288,13 @@ def build_optimizer(
         extra["betas"] = cfg.betas
     groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
     return create_optimizer_v2(
-        groups, opt=cfg.opt.lower(), lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+        groups,
+        opt=cfg.opt.lower(),
+        lr=lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
         **extra,
-    )  # fmt: skip
+    )
 
 
 def build_scheduler(
@@ -360,8 +364,8 @@ class StreamSampler(Sampler[tuple[int, int]]):
         global_batch = self.batch_size * self.world_size
         for step in range(self.start, self.stop):
             for row in range(self.batch_size):
-                epoch, pos = divmod(step * global_batch + row * self.world_size + self.rank,
-                                    self.num_samples)  # fmt: skip
+                position = step * global_batch + row * self.world_size + self.rank
+                epoch, pos = divmod(position, self.num_samples)
                 yield epoch, self._order(epoch)[pos]
 
     def __len__(self) -> int:

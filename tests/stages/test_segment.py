@@ -269,8 +269,8 @@ def test_train_transform_is_seeded_and_keeps_labels_aligned():
     assert a[0].shape == (3, 32, 32) and a[1].shape == (32, 32) and a[1].dtype == torch.int64
     assert set(a[1].unique().tolist()) <= set(range(7)) | {255}
     # without resize, photometric distortion or flip: a crop of the input, same window
-    plain = SegTrainTransform(img_scale=(60, 40), ratio_range=(1.0, 1.0), crop_size=32,
-                              cat_max_ratio=1.0, hflip=0.0, photometric=False)  # fmt: skip
+    fixed = {"img_scale": (60, 40), "ratio_range": (1.0, 1.0), "crop_size": 32}
+    plain = SegTrainTransform(**fixed, cat_max_ratio=1.0, hflip=0.0, photometric=False)
     position = torch.arange(40 * 60).reshape(40, 60)  # each label value names its pixel
     x, y = plain(img, position, np.random.default_rng(0))
     r, c = divmod(int(y[0, 0]), 60)
@@ -278,8 +278,7 @@ def test_train_transform_is_seeded_and_keeps_labels_aligned():
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     assert torch.allclose(x * std + mean, img[:, r : r + 32, c : c + 32], atol=1e-5)
-    flip = SegTrainTransform(img_scale=(60, 40), ratio_range=(1.0, 1.0), crop_size=32,
-                             cat_max_ratio=1.0, hflip=1.0, photometric=False)  # fmt: skip
+    flip = SegTrainTransform(**fixed, cat_max_ratio=1.0, hflip=1.0, photometric=False)
     x, y = flip(img, position, np.random.default_rng(0))  # same window, mirrored
     assert torch.equal(y, position[r : r + 32, c : c + 32].flip(-1))
     assert torch.allclose(x * std + mean, img[:, r : r + 32, c : c + 32].flip(-1), atol=1e-5)
@@ -316,8 +315,9 @@ def _naive_eval(model_pt, root, img_scale) -> float:
     logits resized to the label, per-class IoU from explicit sums, mean over classes seen."""
     saved = checkpoint.load(model_pt)
     meta = saved["meta"]
-    model = build_upernet(meta["backbone"], meta["num_classes"], meta["crop_size"],
-                          channels=32, aux_channels=16)  # fmt: skip
+    model = build_upernet(
+        meta["backbone"], meta["num_classes"], meta["crop_size"], channels=32, aux_channels=16
+    )
     model.load_state_dict(saved["state_dict"])
     model.eval()
     inter = np.zeros(meta["num_classes"])
