@@ -67,13 +67,6 @@ class DetectorSpec:
     score_thresh: float = 0.05
     detections_per_image: int = 100
 
-    @property
-    def feature_names(self) -> tuple[str, ...]:
-        """The maps the RPN and the RoI heads read (detectron2 names)."""
-        if self.arch == "c4":
-            return ("res4",)
-        return ("p2", "p3", "p4", "p5", "p6")
-
 
 @dataclass(frozen=True)
 class Input:

@@ -159,8 +159,14 @@ def load_config(data: dict[str, Any], where: str = "config") -> DetectConfig:
             f"{where}: model.norm frozen_bn without init freezes random BatchNorm statistics "
             f"and training diverges; use norm: bn (or sync_bn) from scratch, or pass --init"
         )
-    if spec.window_size is not None and (spec.window_size < 1 or spec.arch != "sfp"):
-        raise ConfigError(f"{where}: model.window_size is a ViT (arch sfp) option, >= 1")
+    vit_only = spec.window_size is not None or spec.global_blocks or spec.rel_pos_bias
+    if spec.arch != "sfp" and vit_only:
+        raise ConfigError(
+            f"{where}: model.window_size, global_blocks and rel_pos_bias are ViT (arch sfp) "
+            f"options; remove them for arch {spec.arch}"
+        )
+    if spec.window_size is not None and spec.window_size < 1:
+        raise ConfigError(f"{where}: model.window_size must be >= 1 or null")
     if solver.layer_decay is not None and (spec.arch != "sfp" or not 0 < solver.layer_decay <= 1):
         raise ConfigError(
             f"{where}: solver.layer_decay must be in (0, 1] and needs a ViT (arch sfp), got "

@@ -132,6 +132,8 @@ def test_config_errors(scenes):
         detect.load_config(_cfg(scenes, model={"norm": "frozen_bn"}))
     with pytest.raises(ConfigError, match=r"layer_decay .* needs a ViT"):
         detect.load_config(_cfg(scenes, solver={"layer_decay": 0.7}))
+    with pytest.raises(ConfigError, match=r"rel_pos_bias are ViT \(arch sfp\) options"):
+        detect.load_config(_cfg(scenes, model={"rel_pos_bias": True}))
     with pytest.raises(ConfigError, match=r"solver\.steps must increase"):
         detect.load_config(_cfg(scenes, solver={"steps": [3, 2]}))
     with pytest.raises(ConfigError, match=r"backend: 'mmdet' is not one of"):
@@ -437,16 +439,19 @@ def test_cli_without_detectron2_says_how_to_install(scenes, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_tiny_recipe_beats_untrained(tmp_path):
-    """The shipped tiny recipe (scenes at 96 px) against the same detector untrained."""
+    """The shipped tiny recipe, from scratch, on the workflow's tiny scenes (400 / 100 at
+    128 px) against the same detector untrained (measured: box AP 6.1 vs 0.0, AP50 11.9)."""
     root = tmp_path / "scenes"
-    make_scenes(root, n_train=256, n_val=64, img_size=96, scale=(1.2, 2.0))
+    make_scenes(root, n_train=400, n_val=100, img_size=128, seed=0)
     data = yaml.safe_load(recipes.resolve("detect", "tiny").read_text())
     data.update(progress=False, track=False)
     data["data"]["root"] = str(root)
     trained = detect.run(detect.load_config(data), tmp_path / "trained")
     data["solver"]["max_iter"] = 0
     untrained = detect.run(detect.load_config(data), tmp_path / "untrained")
-    assert trained["ap50_box"] > untrained["ap50_box"] + 10
+    assert untrained["ap50_box"] < 1.0 and untrained["ap50_mask"] < 1.0
+    assert trained["ap50_box"] > untrained["ap50_box"] + 5
+    assert trained["ap_box"] > untrained["ap_box"] + 3
     assert trained["ap_mask"] > untrained["ap_mask"] + 3
 
 
