@@ -1,13 +1,19 @@
 """The segment stage (UperNet) on generated scenes: metrics against hand-computed values, config
 errors, strict encoder loading (wrong checkpoint, ViT position-embedding resampling), layer-wise
 lr decay groups, the mmseg pipeline and sliding-window inference, a short run checked against an
-independent evaluation of its saved model, and exact resume."""
+independent evaluation of its saved model, and exact resume (stop_after_steps in process, SIGKILL
+of a real CLI process)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -434,3 +440,49 @@ def test_vit_run_with_init_layer_decay_and_slide_eval(scenes, tmp_path):
     assert derived["simple_pyramid"] and derived["strides"] == [1, 2, 4, 8]
     assert derived["init"]["resized"] == ["pos_embed: (1, 65, 192) -> (1, 145, 192)"]
     assert derived["init"]["meta"]["preset"] == "a2mim_vit_tiny"
+
+
+def _run_cli(cfg_file, out, env) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "a2mim.cli",
+        "segment",
+        "--config",
+        str(cfg_file),
+        "--out",
+        str(out),
+    ]
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_cli_resume_after_sigkill_is_bit_identical(scenes, tmp_path):
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(_cfg(scenes, iters=12, ckpt_every_steps=2)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    full = _run_cli(cfg_file, tmp_path / "full", env)
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+
+    killed = tmp_path / "killed"
+    proc = _run_cli(cfg_file, killed, env)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint.pt").exists():
+        assert proc.poll() is None, "finished before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists()
+    assert 0 < torch.load(killed / "checkpoint.pt", weights_only=True)["step"] < 12
+
+    resumed = _run_cli(cfg_file, killed, env)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 12
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    full_metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert json.loads((killed / "metrics.json").read_text()) == full_metrics
