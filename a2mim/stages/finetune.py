@@ -30,7 +30,6 @@ counts, so ``top1`` is over the whole set; rank 0 alone writes.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import time
@@ -42,7 +41,7 @@ import torch
 from PIL import Image, ImageOps
 from timm.data import Mixup, auto_augment, create_transform
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2, list_optimizers
+from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -70,7 +69,7 @@ from a2mim.train.distributed import (
     resolve_device,
     world_info,
 )
-from a2mim.train.optim import OptimConfig, build_scheduler
+from a2mim.train.optim import OptimConfig, build_scheduler, check_timm_optim
 from a2mim.train.sampling import mix_seed
 
 __all__ = [
@@ -210,16 +209,7 @@ def load_config(data: dict[str, Any], where: str = "config") -> FinetuneConfig:
     """Validate a mapping into a ``FinetuneConfig`` (unknown keys and bad values are errors)."""
     cfg = from_dict(FinetuneConfig, data, where)
     check_backbone(cfg.model.backbone, where)
-    if cfg.optim.opt.lower() not in list_optimizers():
-        close = difflib.get_close_matches(cfg.optim.opt.lower(), list_optimizers(), n=3)
-        raise ConfigError(
-            f"{where}: optim.opt {cfg.optim.opt!r} is not a timm optimizer"
-            + (f" (did you mean {close}?)" if close else "")
-        )
-    if cfg.optim.layer_decay is not None and not 0 < cfg.optim.layer_decay <= 1:
-        raise ConfigError(
-            f"{where}: optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}"
-        )
+    check_timm_optim(cfg.optim.opt, cfg.optim.layer_decay, where)
     if cfg.mixup.active and cfg.mixup.mode == "batch" and cfg.batch_size % 2:
         raise ConfigError(f"{where}: Mixup/CutMix in batch mode needs an even batch_size")
     if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:

@@ -35,7 +35,6 @@ the mean over ranks and evaluation shards the validation images (torchmetrics su
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import time
@@ -46,7 +45,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.optim import create_optimizer_v2, list_optimizers
+from timm.optim import create_optimizer_v2
 from timm.scheduler import PolyLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
@@ -74,6 +73,7 @@ from a2mim.train.distributed import (
     resolve_device,
     world_info,
 )
+from a2mim.train.optim import check_timm_optim
 from a2mim.train.sampling import mix_seed
 
 __all__ = [
@@ -205,16 +205,7 @@ def load_config(data: dict[str, Any], where: str = "config") -> SegmentConfig:
     """Validate a mapping into a ``SegmentConfig`` (unknown keys and bad values are errors)."""
     cfg = from_dict(SegmentConfig, data, where)
     check_backbone(cfg.model.backbone, where)
-    if cfg.optim.opt.lower() not in list_optimizers():
-        close = difflib.get_close_matches(cfg.optim.opt.lower(), list_optimizers(), n=3)
-        raise ConfigError(
-            f"{where}: optim.opt {cfg.optim.opt!r} is not a timm optimizer"
-            + (f" (did you mean {close}?)" if close else "")
-        )
-    if cfg.optim.layer_decay is not None and not 0 < cfg.optim.layer_decay <= 1:
-        raise ConfigError(
-            f"{where}: optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}"
-        )
+    check_timm_optim(cfg.optim.opt, cfg.optim.layer_decay, where)
     for name in ("iters", "batch_size", "ckpt_every_steps", "log_every_steps"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{where}: {name} must be >= 1, got {getattr(cfg, name)}")

@@ -9,6 +9,8 @@ import torch
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 
+from a2mim.config import ConfigError
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -69,3 +71,20 @@ def build_scheduler(
         warmup_lr_init=cfg.warmup_lr,
         t_in_epochs=False,
     )
+
+
+def check_timm_optim(opt: str, layer_decay: float | None, where: str) -> None:
+    """Refuse an optimizer name timm does not know (with close matches) and a layer decay
+    outside (0, 1]: the checks of every stage that builds its optimizer through timm."""
+    import difflib
+
+    from timm.optim import list_optimizers
+
+    if opt.lower() not in list_optimizers():
+        close = difflib.get_close_matches(opt.lower(), list_optimizers(), n=3)
+        raise ConfigError(
+            f"{where}: optim.opt {opt!r} is not a timm optimizer"
+            + (f" (did you mean {close}?)" if close else "")
+        )
+    if layer_decay is not None and not 0 < layer_decay <= 1:
+        raise ConfigError(f"{where}: optim.layer_decay must be in (0, 1], got {layer_decay}")
