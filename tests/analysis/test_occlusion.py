@@ -72,6 +72,26 @@ def test_full_occlusion_equals_accuracy_on_the_mean_image():
     assert accuracy[1.0] == pytest.approx(expected)
 
 
+def test_trained_toy_model_goes_from_accurate_to_chance_level():
+    """A CNN trained on a balanced 4-class toy task (class = which colour channel is raised):
+    accurate with nothing occluded, exactly chance (25 %) with everything occluded, since every
+    image then becomes the mean image and gets the same class."""
+    generator = torch.Generator().manual_seed(7)
+    labels = torch.arange(4).repeat_interleave(16)
+    images = 0.3 * torch.randn(64, 3, 28, 28, generator=generator)
+    images[torch.arange(64), labels % 3] += 1.0  # classes 0-2: one channel up
+    images[labels == 3] -= 1.0  # class 3: all channels down
+    model = tiny_cnn()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(60):
+        optimizer.zero_grad()
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+    accuracy = occlusion_accuracy(model.eval(), (images, labels), (0.0, 1.0), patch_size=4)
+    assert accuracy[0.0] >= 95.0
+    assert accuracy[1.0] == pytest.approx(25.0)
+
+
 @pytest.mark.parametrize("per_image", [True, False])
 def test_bright_patch_model_is_correct_exactly_when_its_patch_survives(per_image):
     grid, patch_size, seed = 7, 4, 5  # 28 px images
