@@ -42,7 +42,6 @@ import dataclasses
 import io
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -502,10 +501,18 @@ def run(
             step = int(state["step"])
             steplog.truncate(out / "metrics.jsonl", step)
         flipped = FlippedInstances(train_set, train_idx, cfg.data.hflip, cfg.seed)
-        progress = _progress(cfg, rank, total_steps, step)
-        last_train: dict[str, float] = {}
+        log = steplog.TrainLog(
+            out / "metrics.jsonl",
+            tracker,
+            every=cfg.log_every_steps,
+            total=total_steps,
+            start=step,
+            write=rank == 0,
+            progress=cfg.progress,
+            desc="detect",
+            loss_format=".3f",
+        )
         last_eval: dict[str, float] | None = None
-        t_last, n_last = time.perf_counter(), 0
 
         def save(step_done: int) -> None:
             if rank != 0:
@@ -572,41 +579,30 @@ def run(
                         f"from scratch"
                     )
                 done = step + 1
-                n_last += global_batch
-                if rank == 0 and (done % cfg.log_every_steps == 0 or done == total_steps):
-                    now = time.perf_counter()
-                    last_train = {
-                        "loss": loss_value,
-                        **losses,
-                        "lr": lr * lr_factor(step, solver),
-                        "img_per_s": n_last / max(now - t_last, 1e-9),
-                        "epoch": done / steps_per_epoch,
-                    }
-                    t_last, n_last = now, 0
-                    steplog.append(out / "metrics.jsonl", done, last_train)
-                    tracker.log_metrics(last_train, done)
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+                row = {
+                    "loss": loss_value,
+                    **losses,
+                    "lr": lr * lr_factor(step, solver),
+                    "epoch": done / steps_per_epoch,
+                }
+                log.step(done, global_batch, row)
                 evaluates = cfg.eval_every_steps and done % cfg.eval_every_steps == 0
                 if evaluates and done < total_steps:
                     last_eval = run_eval(done)
                 if done % cfg.ckpt_every_steps == 0 and done < total_steps:
                     save(done)
                 if stop_after_steps is not None and done >= stop_after_steps:
-                    if progress is not None:
-                        progress.close()
+                    log.close()
                     tracker.close("KILLED")  # interrupted; a restart sets the run RUNNING again
                     return {"stopped_at_step": float(done)}
             step = epoch_end
-        if progress is not None:
-            progress.close()
+        log.close()
 
         last_eval = run_eval(total_steps)
         save(total_steps)
         metrics: dict[str, Any] = {k: v for k, v in last_eval.items() if k != "detections"}
-        if last_train:
-            metrics["final_loss"] = last_train["loss"]
+        if log.last:
+            metrics["final_loss"] = log.last["loss"]
         metrics["backend"] = backend
         if rank == 0:
             meta = {
@@ -664,14 +660,6 @@ def _train_step(
 
 def _to(value: Any, device: torch.device) -> Any:
     return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-
-
-def _progress(cfg: DetectConfig, rank: int, total: int, start: int):
-    if not cfg.progress or rank != 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc="detect", unit="step", mininterval=2.0)
 
 
 def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

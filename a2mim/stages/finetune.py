@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -448,10 +447,17 @@ def run(
             num_workers=cfg.data.num_workers,
         )
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        progress = _progress(cfg, rank, total_steps, step)
-        last_train: dict[str, float] = {}
+        log = steplog.TrainLog(
+            out / "metrics.jsonl",
+            tracker,
+            every=cfg.log_every_steps,
+            total=total_steps,
+            start=step,
+            write=rank == 0,
+            progress=cfg.progress,
+            desc="finetune",
+        )
         last_eval: dict[str, float] | None = None
-        t_last, n_last = time.perf_counter(), 0
 
         def save(step_done: int) -> None:
             if rank != 0:
@@ -538,29 +544,18 @@ def run(
                 if ema is not None:
                     ema.update(model, step=done)
                 scheduler.step_update(done)
-                n_last += global_batch
-                if done % cfg.log_every_steps == 0 or done == total_steps:
-                    now = time.perf_counter()
-                    last_train = {
-                        "loss": loss_sum,
-                        "lr": max(g["lr"] for g in optimizer.param_groups),
-                        "img_per_s": n_last / max(now - t_last, 1e-9),
-                        "epoch": epoch + (done - epoch * steps_per_epoch) / steps_per_epoch,
-                    }
-                    t_last, n_last = now, 0
-                    if rank == 0:
-                        steplog.append(out / "metrics.jsonl", done, last_train)
-                        tracker.log_metrics(last_train, done)
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{loss_sum:.4f}", refresh=False)
+                row = {
+                    "loss": loss_sum,
+                    "lr": max(g["lr"] for g in optimizer.param_groups),
+                    "epoch": epoch + (done - epoch * steps_per_epoch) / steps_per_epoch,
+                }
+                log.step(done, global_batch, row)
                 # an epoch's last step is saved after its evaluation (below), so a resumed run
                 # never skips an evaluation
                 if done % cfg.ckpt_every_steps == 0 and done < epoch_end:
                     save(done)
                 if stop_after_steps is not None and done >= stop_after_steps:
-                    if progress is not None:
-                        progress.close()
+                    log.close()
                     tracker.close("KILLED")  # interrupted; a restart sets the run RUNNING again
                     return {"stopped_at_step": float(done)}
             step = epoch_end
@@ -568,13 +563,12 @@ def run(
                 last_eval = run_eval(step, epoch + 1)
             if step % cfg.ckpt_every_steps == 0 and step != total_steps:
                 save(step)
-        if progress is not None:
-            progress.close()
+        log.close()
 
         if last_eval is None:  # a finished run restarted: evaluate the final weights again
             last_eval = run_eval(total_steps, cfg.epochs)
         save(total_steps)
-        metrics = {**last_eval, **({"final_loss": last_train["loss"]} if last_train else {})}
+        metrics = {**last_eval, **({"final_loss": log.last["loss"]} if log.last else {})}
         if rank == 0:
             meta = {
                 "stage": "finetune",
@@ -598,11 +592,3 @@ def run(
             atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2))
             tracker.log_artifact(out / "metrics.json")
         return metrics
-
-
-def _progress(cfg: FinetuneConfig, rank: int, total: int, start: int):
-    if not cfg.progress or rank != 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc="finetune", unit="step", mininterval=2.0)

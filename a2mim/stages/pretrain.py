@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -196,9 +195,16 @@ def _train(
     )
     fig_batch = _figure_batch(cfg, mim_cfg) if rank == 0 else None
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    progress = _progress(cfg, rank, total_steps, step)
-    last: dict[str, float] = {}
-    t_last, n_last = time.perf_counter(), 0
+    log = steplog.TrainLog(
+        out / "metrics.jsonl",
+        tracker,
+        every=cfg.log_every_steps,
+        total=total_steps,
+        start=step,
+        write=rank == 0,
+        progress=cfg.progress,
+        desc="pretrain",
+    )
 
     def save(step_done: int) -> None:
         if rank != 0:
@@ -266,23 +272,13 @@ def _train(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step_update(step + 1)
-            n_last += global_batch
             done = step + 1
-            if done % cfg.log_every_steps == 0 or done == total_steps:
-                now = time.perf_counter()
-                last = {
-                    **sums,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "img_per_s": n_last / max(now - t_last, 1e-9),
-                    "epoch": epoch + (done - epoch * steps_per_epoch) / steps_per_epoch,
-                }
-                t_last, n_last = now, 0
-                if rank == 0:
-                    steplog.append(out / "metrics.jsonl", done, last)
-                    tracker.log_metrics(last, done)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{sums['loss']:.4f}", refresh=False)
+            row = {
+                **sums,
+                "lr": optimizer.param_groups[0]["lr"],
+                "epoch": epoch + (done - epoch * steps_per_epoch) / steps_per_epoch,
+            }
+            log.step(done, global_batch, row)
             if done % cfg.ckpt_every_steps == 0 and done != total_steps:
                 save(done)
         step = (epoch + 1) * steps_per_epoch
@@ -290,11 +286,10 @@ def _train(
             fig_path = out / "figures" / f"recon_ep{epoch + 1:04d}.png"
             _save_figure(model, fig_batch, fig_path, cfg)
             tracker.log_artifact(fig_path, "figures")
-    if progress is not None:
-        progress.close()
+    log.close()
 
     save(total_steps)
-    metrics = {"final_" + k: v for k, v in last.items()}
+    metrics = {"final_" + k: v for k, v in log.last.items()}
     if rank == 0:
         meta = {
             "stage": "pretrain",
@@ -352,14 +347,6 @@ def _save_figure(model: MaskedImageModel, fig_batch, path: Path, cfg: PretrainCo
     panels = reconstruction_panels(imgs, out.pred_bchw.float().cpu(), mask_pix[:, 0], shown)
     title = f"{cfg.model.preset} - {path.stem} - loss {out.loss.item():.4f}"
     save_reconstruction_figure(panels, path, title=title)
-
-
-def _progress(cfg: PretrainConfig, rank: int, total: int, start: int):
-    if not cfg.progress or rank != 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc="pretrain", unit="step", mininterval=2.0)
 
 
 def load_config(data: dict[str, Any], where: str = "config") -> PretrainConfig:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -571,9 +570,16 @@ def run(
             num_workers=d.num_workers,
         )
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        progress = _progress(cfg, rank, total_steps, step)
-        last_train: dict[str, float] = {}
-        t_last, n_last = time.perf_counter(), 0
+        log = steplog.TrainLog(
+            out / "metrics.jsonl",
+            tracker,
+            every=cfg.log_every_steps,
+            total=total_steps,
+            start=step,
+            write=rank == 0,
+            progress=cfg.progress,
+            desc="segment",
+        )
 
         def save(step_done: int) -> None:
             if rank != 0:
@@ -627,23 +633,13 @@ def run(
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             scheduler.step_update(done)
-            n_last += global_batch
-            if done % cfg.log_every_steps == 0 or done == total_steps:
-                now = time.perf_counter()
-                last_train = {
-                    "loss": loss_value,
-                    "loss_decode": decode_value,
-                    "loss_aux": aux_value,
-                    "lr": max(g["lr"] for g in optimizer.param_groups),
-                    "img_per_s": n_last / max(now - t_last, 1e-9),
-                }
-                t_last, n_last = now, 0
-                if rank == 0:
-                    steplog.append(out / "metrics.jsonl", done, last_train)
-                    tracker.log_metrics(last_train, done)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            row = {
+                "loss": loss_value,
+                "loss_decode": decode_value,
+                "loss_aux": aux_value,
+                "lr": max(g["lr"] for g in optimizer.param_groups),
+            }
+            log.step(done, global_batch, row)
             if done < total_steps:
                 # an evaluation comes before the checkpoint of its step, so a resumed run
                 # never skips one
@@ -652,18 +648,16 @@ def run(
                 if done % cfg.ckpt_every_steps == 0:
                     save(done)
             if stop_after_steps is not None and done >= stop_after_steps:
-                if progress is not None:
-                    progress.close()
+                log.close()
                 tracker.close("KILLED")  # interrupted; a restart sets the run RUNNING again
                 return {"stopped_at_step": float(done)}
-        if progress is not None:
-            progress.close()
+        log.close()
 
         last_eval = run_eval(total_steps)
         save(total_steps)
         metrics = {k: last_eval[k] for k in ("miou", "aacc", "macc")}
-        if last_train:
-            metrics["final_loss"] = last_train["loss"]
+        if log.last:
+            metrics["final_loss"] = log.last["loss"]
         if rank == 0:
             _write_outputs(out, cfg, model, derived, init_report, last_eval)
             atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2))
@@ -698,11 +692,3 @@ def _write_outputs(
         str(k): (None if math.isnan(v) else v) for k, v in enumerate(result["iou_per_class"])
     }
     atomic.write_text(out / "per_class_iou.json", json.dumps(per_class, indent=2))
-
-
-def _progress(cfg: SegmentConfig, rank: int, total: int, start: int):
-    if not cfg.progress or rank != 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc="segment", unit="step", mininterval=2.0)
