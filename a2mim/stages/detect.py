@@ -501,16 +501,8 @@ def run(
             step = int(state["step"])
             steplog.truncate(out / "metrics.jsonl", step)
         flipped = FlippedInstances(train_set, train_idx, cfg.data.hflip, cfg.seed)
-        log = steplog.TrainLog(
-            out / "metrics.jsonl",
-            tracker,
-            every=cfg.log_every_steps,
-            total=total_steps,
-            start=step,
-            write=rank == 0,
-            progress=cfg.progress,
-            desc="detect",
-            loss_format=".3f",
+        log = steplog.TrainLog.of_stage(
+            cfg, out, tracker, total_steps, step, rank, "detect", loss_format=".3f"
         )
         last_eval: dict[str, float] | None = None
 

@@ -293,16 +293,7 @@ def run(
             num_workers=cfg.data.num_workers,
         )
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        log = steplog.TrainLog(
-            out / "metrics.jsonl",
-            tracker,
-            every=cfg.log_every_steps,
-            total=total_steps,
-            start=step,
-            write=rank == 0,
-            progress=cfg.progress,
-            desc="linprobe",
-        )
+        log = steplog.TrainLog.of_stage(cfg, out, tracker, total_steps, step, rank, "linprobe")
         loss_fn = nn.CrossEntropyLoss()
         last_eval: dict[str, float] | None = None
 

@@ -195,16 +195,7 @@ def _train(
     )
     fig_batch = _figure_batch(cfg, mim_cfg) if rank == 0 else None
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    log = steplog.TrainLog(
-        out / "metrics.jsonl",
-        tracker,
-        every=cfg.log_every_steps,
-        total=total_steps,
-        start=step,
-        write=rank == 0,
-        progress=cfg.progress,
-        desc="pretrain",
-    )
+    log = steplog.TrainLog.of_stage(cfg, out, tracker, total_steps, step, rank, "pretrain")
 
     def save(step_done: int) -> None:
         if rank != 0:

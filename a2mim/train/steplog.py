@@ -56,6 +56,22 @@ class TrainLog:
 
             self._bar = tqdm(total=total, initial=start, desc=desc, unit="step", mininterval=2.0)
 
+    @classmethod
+    def of_stage(cls, cfg, out: Path, tracker, total: int, start: int, rank: int, desc: str, **kw):
+        """The log of a stage run in ``out`` (``metrics.jsonl``), written by rank 0, from a stage
+        config's ``log_every_steps`` and ``progress``."""
+        return cls(
+            out / "metrics.jsonl",
+            tracker,
+            every=cfg.log_every_steps,
+            total=total,
+            start=start,
+            write=rank == 0,
+            progress=cfg.progress,
+            desc=desc,
+            **kw,
+        )
+
     def step(self, done: int, n_images: int, row: dict[str, float]) -> None:
         self._images += n_images
         if done % self.every == 0 or done == self.total:
