@@ -38,3 +38,17 @@ def test_a_rank_that_does_not_write_keeps_the_last_row_only(tmp_path):
     log.step(1, 4, {"loss": 0.5})
     assert not path.exists() and not tracker.logged
     assert log.last["loss"] == 0.5
+
+
+def test_record_writes_evaluations_with_file_only_values(tmp_path):
+    tracker = Tracker()
+    path = tmp_path / "metrics.jsonl"
+    log = TrainLog(path, tracker, every=5, total=10, start=0, write=True, progress=False, desc="t")
+    log.record(4, {"top1": 50.0}, epoch=1)
+    assert json.loads(path.read_text()) == {"step": 4, "epoch": 1, "top1": 50.0}
+    assert tracker.logged == [(4, {"top1": 50.0})]  # the epoch is not a tracked metric here
+    silent = TrainLog(
+        path, tracker, every=5, total=10, start=0, write=False, progress=False, desc="t"
+    )
+    silent.record(5, {"top1": 60.0})
+    assert len(path.read_text().splitlines()) == 1 and len(tracker.logged) == 1

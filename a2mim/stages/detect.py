@@ -58,7 +58,7 @@ from a2mim.config import ConfigError, from_dict, to_dict
 from a2mim.data.coco import CocoInstances, coco_evaluate, drop_crowd
 from a2mim.detection import DetectorSpec, Input, build_detector, resolve_backend
 from a2mim.detection.backbone import vit_layer_id
-from a2mim.stages.rundir import config_hash, open_run
+from a2mim.stages.rundir import config_hash, init_tags, open_run
 from a2mim.train import checkpoint, steplog
 from a2mim.train.classify import check_backbone, tracked_derived
 from a2mim.train.distributed import broadcast_buffers, resolve_device, world_info
@@ -454,7 +454,6 @@ def run(
         )
 
     init_report = model.init_report
-    preset = "scratch" if init_report is None else init_report["meta"].get("preset") or "unknown"
     derived = {
         "backend": backend,
         "global_batch": global_batch,
@@ -479,12 +478,7 @@ def run(
         cfg,
         out,
         derived,
-        tags={
-            "method": preset.split("_")[0],
-            "backbone": cfg.model.backbone,
-            "preset": preset,
-            "backend": backend,
-        },
+        tags={**init_tags(cfg.model.backbone, init_report), "backend": backend},
         rank=rank,
         tracked=tracked_derived(derived),
     )
@@ -529,9 +523,7 @@ def run(
                 cfg.data.val_limit,
                 amp_dtype,
             )
-            if rank == 0:
-                steplog.append(out / "metrics.jsonl", step_done, row)
-                tracker.log_metrics(row, step_done)
+            log.record(step_done, row)
             return row
 
         while step < total_steps:

@@ -49,7 +49,7 @@ from a2mim import atomic
 from a2mim.config import ConfigError, from_dict
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from a2mim.stages.rundir import config_hash, open_run
+from a2mim.stages.rundir import config_hash, init_tags, open_run
 from a2mim.train import checkpoint, steplog
 from a2mim.train.classify import (
     AugmentedDataset,
@@ -400,15 +400,12 @@ def run(
         "init": init_report,
         "config_hash": config_hash(cfg),
     }
-    preset = "scratch"
-    if derived["init"] is not None:
-        preset = derived["init"]["meta"].get("preset") or "unknown"
     state, tracker = open_run(
         "finetune",
         cfg,
         out,
         derived,
-        tags={"method": preset.split("_")[0], "backbone": cfg.model.backbone, "preset": preset},
+        tags=init_tags(cfg.model.backbone, derived["init"]),
         rank=rank,
         tracked=tracked_derived(derived),
     )
@@ -475,9 +472,7 @@ def run(
                 res_ema = evaluate(ema.module, val_loader, device, amp_dtype)
                 row.update(top1_ema=res_ema["top1"], top5_ema=res_ema["top5"])
                 row["val_loss_ema"] = res_ema["loss"]
-            if rank == 0:
-                steplog.append(out / "metrics.jsonl", step_done, {"epoch": epoch_done, **row})
-                tracker.log_metrics(row, step_done)
+            log.record(step_done, row, epoch=epoch_done)
             return row
 
         while step < total_steps:

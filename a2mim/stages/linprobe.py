@@ -36,7 +36,7 @@ from a2mim import atomic
 from a2mim.config import ConfigError, from_dict
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import eval_transform, pretrain_transform
-from a2mim.stages.rundir import config_hash, open_run
+from a2mim.stages.rundir import config_hash, init_tags, open_run
 from a2mim.train import checkpoint, steplog
 from a2mim.train.classify import (
     AugmentedDataset,
@@ -256,15 +256,12 @@ def run(
         "init": init_report,
         "config_hash": config_hash(cfg),
     }
-    preset = "scratch"
-    if derived["init"] is not None:
-        preset = derived["init"]["meta"].get("preset") or "unknown"
     state, tracker = open_run(
         "linprobe",
         cfg,
         out,
         derived,
-        tags={"method": preset.split("_")[0], "backbone": cfg.model.backbone, "preset": preset},
+        tags=init_tags(cfg.model.backbone, derived["init"]),
         rank=rank,
         tracked=tracked_derived(derived),
     )
@@ -317,9 +314,7 @@ def run(
             broadcast_buffers(probe.head)  # rank 0's feature-BN statistics, the ones it saves
             res = evaluate(probe, val_loader, device, amp_dtype)
             row = {"top1": res["top1"], "top5": res["top5"], "val_loss": res["loss"]}
-            if rank == 0:
-                steplog.append(out / "metrics.jsonl", step_done, {"epoch": epoch_done, **row})
-                tracker.log_metrics(row, step_done)
+            log.record(step_done, row, epoch=epoch_done)
             return row
 
         while step < total_steps:

@@ -43,6 +43,13 @@ class RunInUseError(ConfigError):
     """Another live process is running the same run folder."""
 
 
+def init_tags(backbone: str, init_report: dict | None) -> dict[str, str]:
+    """MLflow tags of a downstream run: ``method`` and ``preset`` of the pre-training run whose
+    encoder initialised it (``scratch`` without one, ``unknown`` when its meta names none)."""
+    preset = "scratch" if init_report is None else init_report["meta"].get("preset") or "unknown"
+    return {"method": preset.split("_")[0], "backbone": backbone, "preset": preset}
+
+
 def lock_run(out: Path) -> None:
     """Hold an exclusive lock on ``out`` for the life of this process.
 

@@ -62,7 +62,7 @@ from a2mim.models.upernet import (
     slide_logits,
     whole_logits,
 )
-from a2mim.stages.rundir import config_hash, open_run
+from a2mim.stages.rundir import config_hash, init_tags, open_run
 from a2mim.train import checkpoint, steplog
 from a2mim.train.classify import check_backbone, tracked_derived
 from a2mim.train.distributed import (
@@ -522,13 +522,12 @@ def run(
         "init": init_report,
         "config_hash": config_hash(cfg),
     }
-    preset = "scratch" if init_report is None else init_report["meta"].get("preset") or "unknown"
     state, tracker = open_run(
         "segment",
         cfg,
         out,
         derived,
-        tags={"method": preset.split("_")[0], "backbone": cfg.model.backbone, "preset": preset},
+        tags=init_tags(cfg.model.backbone, init_report),
         rank=rank,
         tracked=tracked_derived(derived),
     )
@@ -590,9 +589,7 @@ def run(
             broadcast_buffers(model)  # every shard is evaluated with the statistics rank 0 saves
             res = evaluate(model, val_loader, cfg, device, amp_dtype)
             row = {k: res[k] for k in ("miou", "aacc", "macc")}
-            if rank == 0:
-                steplog.append(out / "metrics.jsonl", step_done, row)
-                tracker.log_metrics(row, step_done)
+            log.record(step_done, row)
             return res
 
         batches = iter(loader)

@@ -85,6 +85,13 @@ class TrainLog:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{row['loss']:{self.loss_format}}", refresh=False)
 
+    def record(self, done: int, row: dict[str, float], **file_only: float) -> None:
+        """From the writing rank, ``row`` (an evaluation, say) as a line of the file, after the
+        ``file_only`` values, and as the tracker's metrics at step ``done``."""
+        if self.write:
+            append(self.path, done, {**file_only, **row})
+            self.tracker.log_metrics(row, done)
+
     def close(self) -> None:
         """Close the progress bar (idempotent)."""
         if self._bar is not None:
