@@ -13,6 +13,9 @@ What a workflow needs from it, and how it is met:
 - *Preemption and time limits resume.* ``StageJob.checkpoint`` (called by Submitit on SLURM's
   USR2 before a preemption or the time limit) requeues the same command; every stage resumes from
   ``<out>/checkpoint.pt``, so the requeued job continues where the last checkpoint left it.
+  The ``scontrol requeue`` that Submitit runs for it ignores SIGTERM (``RequeueSafe``): SLURM
+  signals the job's processes as soon as it requeues the job, and an ``scontrol`` still exiting
+  then would die, turning a good requeue into an error result that the client reads as failure.
 - *Jobs that die without a result* (node failure, ``scancel``, OOM kill) are resubmitted up to
   ``--max-retries`` times, again resuming from the run folder's checkpoint.
 - *A failure is readable.* When the stage fails, the launcher exits 1 and prints the job's stderr
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -78,7 +82,26 @@ class LaunchConfig:
         return self.nodes * self.tasks_per_node
 
 
-class StageJob(submitit.helpers.Checkpointable):
+class RequeueSafe(submitit.helpers.Checkpointable):
+    """A Checkpointable whose requeue survives SLURM's own SIGTERM.
+
+    On USR2, Submitit calls ``checkpoint`` and then runs ``scontrol requeue <job id>`` from the
+    signal handler. SLURM signals every process of the job as soon as the requeue is accepted,
+    ``scontrol`` included; on a loaded node it may not have exited yet, dies of the SIGTERM, and
+    Submitit pickles that ``CalledProcessError`` as the job's result: the client reports a failure
+    while SLURM runs the requeued attempt. Ignoring SIGTERM here, right before the requeue, fixes
+    it: an ignored signal stays ignored across fork and exec, so ``scontrol`` finishes (it has
+    slurm.conf's KillWait, 30 s by default, before SIGKILL). This process loses nothing: Submitit
+    only logs SIGTERM ("bypassing"), and it exits right after the requeue.
+    (tests/slurm/test_cluster.py reproduces the race with an ``scontrol`` that lingers 2 s.)
+    """
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return super().checkpoint(*args, **kwargs)
+
+
+class StageJob(RequeueSafe):
     """The picklable job: ``a2mim <argv>`` in the job's process, one call per task.
 
     Submitit pickles this object, runs it on the node, and on preemption/time limit calls

@@ -147,3 +147,25 @@ def test_a_run_folder_has_one_live_writer(tmp_path):
         holder.kill()
         holder.wait()
     lock_run(tmp_path)  # released by the kernel when the holder died (SIGKILL)
+
+
+def test_requeue_command_outlives_the_sigterm_slurm_sends_the_requeued_job(tmp_path):
+    # Submitit runs `scontrol requeue` right after StageJob.checkpoint; SLURM then SIGTERMs the
+    # job's processes. A child started after checkpoint() must survive that SIGTERM (the race is
+    # reproduced on a real cluster in tests/slurm/test_cluster.py, slow-scontrol).
+    script = (
+        "import signal, subprocess, sys, time\n"
+        "from a2mim.launch import StageJob\n"
+        "StageJob(['pretrain']).checkpoint()\n"
+        "child = subprocess.Popen(['sleep', '30'])\n"
+        "time.sleep(0.2)\n"
+        "child.send_signal(signal.SIGTERM)\n"
+        "time.sleep(0.5)\n"
+        "alive = child.poll() is None\n"
+        "child.kill()\n"
+        "print('alive' if alive else f'died {child.wait()}')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.split()[-1] == "alive", out.stdout + out.stderr

@@ -7,6 +7,7 @@ so a broken cluster fails a test instead of hanging it.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -19,6 +20,8 @@ import cloudpickle
 import pytest
 import submitit
 from submitit.core.utils import UncompletedJobError
+
+from a2mim.launch import RequeueSafe
 
 from . import cluster as cluster_module
 from .cluster import ClusterStartError, ClusterUnavailable, SlurmCluster
@@ -42,9 +45,10 @@ def _sleep_after_marker(marker: Path, seconds: float) -> None:
     time.sleep(seconds)
 
 
-class _StepCounter(submitit.helpers.Checkpointable):
+class _StepCounter(RequeueSafe):
     """Counts to `total`, one step per `step_s`; every (re)start and step is appended to
-    `progress`. Its state (`done_steps`) is what submitit pickles at checkpoint time."""
+    `progress`. Its state (`done_steps`) is what submitit pickles at checkpoint time. Like the
+    launcher's StageJob, it requeues with a2mim.launch.RequeueSafe."""
 
     def __init__(self, progress: Path, total: int, step_s: float) -> None:
         self.progress = progress
@@ -142,10 +146,35 @@ def test_cancelled_job_is_noticed_by_submitit(slurm_environ: SlurmCluster, tmp_p
     )
 
 
+def _slow_scontrol_first_on_path(bin_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Puts an `scontrol` first on PATH (jobs inherit it) that, for `requeue`, lingers 2 s after
+    the real one returned: what a loaded node does. SLURM signals the requeued job's processes
+    meanwhile (KillWait is 5 s), so an `scontrol` that does not ignore SIGTERM dies mid-requeue."""
+    real = shutil.which("scontrol")
+    assert real, "scontrol is not on PATH"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "scontrol"
+    wrapper.write_text(
+        "#!/bin/bash\n"
+        f'"{real}" "$@"\n'
+        "status=$?\n"
+        'if [ "$1" = requeue ]; then sleep 2; fi\n'
+        "exit $status\n"
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
 @pytest.mark.slurm
+@pytest.mark.parametrize("slow_scontrol", [False, True], ids=["plain", "slow-scontrol"])
 def test_preempted_checkpointable_job_resumes_from_its_progress(
-    slurm_environ: SlurmCluster, tmp_path: Path
+    slurm_environ: SlurmCluster,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    slow_scontrol: bool,
 ) -> None:
+    if slow_scontrol:
+        _slow_scontrol_first_on_path(tmp_path / "bin", monkeypatch)
     progress = tmp_path / "progress.txt"
     total = 12
     task = _StepCounter(progress, total=total, step_s=0.5)
