@@ -247,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
             "--init",
             type=Path,
             metavar="CKPT",
-            help="encoder.pt of a pretrain run (overrides the config's init)",
+            help=(
+                "encoder.pt of a pretrain run, or model.pt of a finetune run (a supervised "
+                "encoder); overrides the config's init"
+            ),
         )
         p.add_argument(
             "--set",

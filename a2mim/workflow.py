@@ -55,6 +55,13 @@ def split_cell(cell: str) -> tuple[str, str, str]:
     return table, row, column
 
 
+def split_init(init: str) -> tuple[str, str]:
+    """A run's ``init`` -> ``(stage, run)``: ``name`` is a pretrain run, ``finetune/name`` the
+    fine-tuned classifier of a finetune run (a supervised encoder)."""
+    stage, sep, name = init.partition("/")
+    return (stage, name) if sep else ("pretrain", init)
+
+
 def table_short(table_key: str) -> str:
     """``table1_resnet50_in1k`` -> ``table1``."""
     return table_key.split("_", 1)[0]
@@ -92,7 +99,6 @@ class Matrix:
     def check(self) -> None:
         datasets = self.config["datasets"]
         resources = self.config.get("resources") or {}
-        pretrain = self.runs("pretrain")
         for stage in STAGES:
             for name, spec in self.runs(stage).items():
                 where = f"{stage}.{name}"
@@ -101,14 +107,8 @@ class Matrix:
                         f"{where}: data {spec['data']!r} is not a key of datasets "
                         f"({', '.join(datasets)}); add it under datasets or fix the name"
                     )
-                init = spec.get("init")
-                if init is not None and stage == "pretrain":
-                    raise ConfigMatrixError(f"{where}: pretrain runs take no init")
-                if init is not None and init not in pretrain:
-                    raise ConfigMatrixError(
-                        f"{where}: init {init!r} is not a pretrain run of this config "
-                        f"(pretrain runs: {', '.join(pretrain) or 'none'})"
-                    )
+                if spec.get("init") is not None:
+                    self._check_init(stage, where, spec["init"])
                 if spec.get("resources") and spec["resources"] not in resources:
                     raise ConfigMatrixError(
                         f"{where}: resources {spec['resources']!r} is not a key of resources "
@@ -128,6 +128,27 @@ class Matrix:
                         f"analysis.{figure}.models.{label}: {ref!r} is not a {stage} run of "
                         "this config"
                     )
+
+    def _check_init(self, stage: str, where: str, init: str) -> None:
+        if stage == "pretrain":
+            raise ConfigMatrixError(f"{where}: pretrain runs take no init")
+        source, name = split_init(init)
+        if source not in ("pretrain", "finetune"):
+            raise ConfigMatrixError(
+                f"{where}: init {init!r}: name a pretrain run, or finetune/<run> for the "
+                "supervised encoder of a finetune run"
+            )
+        if source == "finetune" and stage == "finetune":
+            raise ConfigMatrixError(
+                f"{where}: init {init!r}: a finetune run starts from a pretrain run or from "
+                "scratch; a supervised init (finetune/<run>) is for linprobe, detect and segment"
+            )
+        if name not in self.runs(source):
+            raise ConfigMatrixError(
+                f"{where}: init {init!r} is not a {source} run of this config "
+                f"({source} runs: {', '.join(self.runs(source)) or 'none'}); init names a "
+                "pretrain run, or finetune/<run> for a supervised encoder"
+            )
 
     def _check_cell(self, where: str, cell: str) -> None:
         table, row, column = split_cell(cell)
@@ -185,8 +206,19 @@ class Matrix:
         return [f"{self.results}/data/{data}/{manifest}"]
 
     def init_input(self, stage: str, name: str) -> list[str]:
+        """What a run waits for before it starts from its init (the init run's last output)."""
         init = self.runs(stage)[name].get("init")
-        return [] if init is None else [self.run_output("pretrain", init)]
+        return [] if init is None else [self.run_output(*split_init(init))]
+
+    def init_arg(self, stage: str, name: str) -> str:
+        """``--init <checkpoint>``: a pretrain run's ``encoder.pt``, or a finetune run's
+        ``model.pt`` (a supervised encoder); empty for a run from scratch."""
+        init = self.runs(stage)[name].get("init")
+        if init is None:
+            return ""
+        source, run = split_init(init)
+        weights = "encoder.pt" if source == "pretrain" else "model.pt"
+        return shlex.join(["--init", f"{self.run_dir(source, run)}/{weights}"])
 
     def table_inputs(self, table: str) -> list[str]:
         """Outputs of every run that fills a cell of ``table`` (``table1`` ... ``table5``).
@@ -212,15 +244,16 @@ class Matrix:
 
     # -- arguments -------------------------------------------------------------------------
 
-    def pretrain_epochs(self, name: str) -> int:
+    def epochs(self, stage: str, name: str) -> int:
+        """The training epochs of a run: its ``set: {epochs: ...}``, else its recipe's."""
         from a2mim import recipes
         from a2mim.config import load_yaml
 
-        spec = self.runs("pretrain")[name]
+        spec = self.runs(stage)[name]
         sets = spec.get("set") or {}
         if "epochs" in sets:
             return int(sets["epochs"])
-        return int(load_yaml(recipes.resolve("pretrain", spec["recipe"])).get("epochs", 0))
+        return int(load_yaml(recipes.resolve(stage, spec["recipe"])).get("epochs", 0))
 
     def stage_args(self, stage: str, name: str) -> str:
         """``--config ... --out ... --set ... --tag ...`` of one run, shell-quoted."""
@@ -234,11 +267,14 @@ class Matrix:
         tags = {"experiment": self.experiment, "run_name": f"{stage}/{name}"}
         if spec.get("cells"):
             tags["cells"] = ",".join(spec["cells"])
+        # pretrain_epochs: the Epochs column of the tables; for a supervised init, the epochs of
+        # its supervised training (the paper's "(Sup.)" rows list those).
         if spec.get("init"):
+            source, run = split_init(spec["init"])
             tags["pretrain_run"] = spec["init"]
-            tags["pretrain_epochs"] = str(self.pretrain_epochs(spec["init"]))
+            tags["pretrain_epochs"] = str(self.epochs(source, run))
         elif stage == "pretrain":
-            tags["pretrain_epochs"] = str(self.pretrain_epochs(name))
+            tags["pretrain_epochs"] = str(self.epochs(stage, name))
         args = ["--config", spec["recipe"], "--out", self.run_dir(stage, name)]
         args += _sets(sets)
         for key, value in tags.items():

@@ -128,7 +128,9 @@ class DetectConfig:
     solver: SolverConfig = field(default_factory=SolverConfig)
     backend: Literal["auto", "torchvision", "detectron2"] = "auto"
     scale: Literal["tiny", "small", "paper"] = "paper"
-    init: str | None = None  # encoder.pt of a pretrain run; null trains from scratch
+    init: str | None = (
+        None  # pretrain encoder.pt or finetune model.pt (supervised); null trains from scratch
+    )
     batch_size: int = 16  # images per process and step
     amp: Literal["none", "bf16", "fp16"] = "none"
     seed: int = 0
@@ -424,7 +426,8 @@ def run(
         torch.backends.cudnn.benchmark = False
     if cfg.init is not None and not Path(cfg.init).is_file():
         raise FileNotFoundError(
-            f"init checkpoint {cfg.init} does not exist; pass the encoder.pt of a pretrain run"
+            f"init checkpoint {cfg.init} does not exist; pass the encoder.pt of a pretrain run "
+            "or the model.pt of a finetune run"
         )
     train_set, val_set = _open_datasets(cfg)
     train_idx = trainable_indices(train_set, cfg.data.filter_empty)

@@ -184,7 +184,9 @@ class FinetuneConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     scale: Literal["tiny", "small", "paper"] = "paper"
-    init: str | None = None  # encoder.pt of a pretrain run; null trains from scratch
+    init: str | None = (
+        None  # pretrain encoder.pt or finetune model.pt (supervised); null trains from scratch
+    )
     epochs: int = 100
     batch_size: int = 256  # per process and micro-step
     accum_steps: int = 1
@@ -331,7 +333,8 @@ def run(
 
     if cfg.init is not None and not Path(cfg.init).is_file():
         raise FileNotFoundError(
-            f"init checkpoint {cfg.init} does not exist; pass the encoder.pt of a pretrain run"
+            f"init checkpoint {cfg.init} does not exist; pass the encoder.pt of a pretrain run "
+            "or the model.pt of a finetune run"
         )
     on_corrupt = "skip" if cfg.data.skip_corrupt else "error"
     train_set = ImageFolderDataset(cfg.data.root, cfg.data.split, on_corrupt=on_corrupt)

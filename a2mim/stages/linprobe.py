@@ -119,7 +119,9 @@ class LinprobeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: ProbeOptimConfig = field(default_factory=ProbeOptimConfig)
     scale: Literal["tiny", "small", "paper"] = "paper"
-    init: str | None = None  # encoder.pt of a pretrain run; null probes random features
+    init: str | None = (
+        None  # pretrain encoder.pt or finetune model.pt (supervised); null probes random features
+    )
     epochs: int = 100
     batch_size: int = 256  # per process
     amp: Literal["none", "bf16", "fp16"] = "none"
@@ -189,7 +191,8 @@ def run(
 
     if cfg.init is not None and not Path(cfg.init).is_file():
         raise FileNotFoundError(
-            f"init checkpoint {cfg.init} does not exist; pass the encoder.pt of a pretrain run"
+            f"init checkpoint {cfg.init} does not exist; pass the encoder.pt of a pretrain run "
+            "or the model.pt of a finetune run"
         )
     on_corrupt = "skip" if cfg.data.skip_corrupt else "error"
     train_set = ImageFolderDataset(cfg.data.root, cfg.data.split, on_corrupt=on_corrupt)

@@ -45,8 +45,14 @@ class RunInUseError(ConfigError):
 
 def init_tags(backbone: str, init_report: dict | None) -> dict[str, str]:
     """MLflow tags of a downstream run: ``method`` and ``preset`` of the pre-training run whose
-    encoder initialised it (``scratch`` without one, ``unknown`` when its meta names none)."""
-    preset = "scratch" if init_report is None else init_report["meta"].get("preset") or "unknown"
+    encoder initialised it (``scratch`` without one, ``supervised`` for a fine-tuned classifier,
+    ``unknown`` when its meta names none)."""
+    if init_report is None:
+        preset = "scratch"
+    elif init_report["meta"].get("stage") == "finetune":
+        preset = "supervised"
+    else:
+        preset = init_report["meta"].get("preset") or "unknown"
     return {"method": preset.split("_")[0], "backbone": backbone, "preset": preset}
 
 

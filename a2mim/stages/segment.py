@@ -184,7 +184,9 @@ class SegmentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: SegmentOptimConfig = field(default_factory=SegmentOptimConfig)
     scale: Literal["tiny", "small", "paper"] = "paper"
-    init: str | None = None  # encoder.pt of a pretrain run; null trains from scratch
+    init: str | None = (
+        None  # pretrain encoder.pt or finetune model.pt (supervised); null trains from scratch
+    )
     iters: int = 160_000
     batch_size: int = 16  # per process
     amp: Literal["none", "bf16", "fp16"] = "none"
@@ -476,7 +478,8 @@ def run(
         torch.backends.cudnn.benchmark = False
     if cfg.init is not None and not Path(cfg.init).is_file():
         raise FileNotFoundError(
-            f"init checkpoint {cfg.init} does not exist; pass the encoder.pt of a pretrain run"
+            f"init checkpoint {cfg.init} does not exist; pass the encoder.pt of a pretrain run "
+            "or the model.pt of a finetune run"
         )
     d = cfg.data
     ade = {

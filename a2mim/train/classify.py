@@ -180,7 +180,7 @@ def load_encoder(
     backbone_kwargs: dict[str, Any] | None = None,
     allow_new_head: bool = True,
 ) -> dict[str, Any]:
-    """Load a pre-training ``encoder.pt`` into ``model``, strictly.
+    """Load a pre-training ``encoder.pt`` (or a supervised classifier) into ``model``, strictly.
 
     The encoder holds the keys of ``create_classifier(backbone, 0, img_size, backbone_kwargs)``
     (timm's default pooling, no classifier), as ``a2mim pretrain`` writes them. Keys that
@@ -189,6 +189,10 @@ def load_encoder(
     ``model`` turned off (a ViT's final ``norm``, replaced by ``fc_norm`` under average pooling,
     as MAE and BEiT fine-tune) are dropped. Any other difference is a ``ValueError`` that names
     the missing, unexpected and mis-shaped keys and what the checkpoint was trained with.
+
+    A fine-tune run's ``model.pt`` (meta ``stage: finetune``) is accepted as a *supervised*
+    encoder, the paper's "(Sup.)" baselines: :func:`supervised_encoder_state` turns the classifier
+    into encoder keys first (its report is under ``supervised``).
 
     Returns a report: ``path``, ``sha256``, the checkpoint's ``meta``, ``loaded`` (number of
     tensors), ``head_init`` (keys left at init) and ``dropped`` (encoder keys not used).
@@ -201,14 +205,18 @@ def load_encoder(
             f"'meta' as `a2mim pretrain` writes to <run>/encoder.pt"
         )
     meta = dict(ckpt.get("meta") or {})
-    if meta.get("stage", "pretrain") != "pretrain":
+    stage = meta.get("stage", "pretrain")
+    if stage not in ("pretrain", "finetune"):
         raise ValueError(
-            f"{path} is the output of stage {meta['stage']!r}; --init takes the encoder.pt of "
-            f"a pretrain run"
+            f"{path} is the output of stage {stage!r}; --init takes the encoder.pt of a pretrain "
+            f"run or the model.pt of a finetune run (a supervised encoder)"
         )
     state = dict(ckpt["state_dict"])
     own = model.state_dict()
     encoder_keys = set(create_classifier(backbone, 0, img_size, backbone_kwargs).state_dict())
+    supervised = None
+    if stage == "finetune":
+        state, supervised = supervised_encoder_state(state, encoder_keys)
     new = sorted(set(own) - encoder_keys) if allow_new_head else []
     dropped = sorted(k for k in encoder_keys - set(own) if k in state) if allow_new_head else []
     leaked = [k for k in new if k in state]
@@ -247,7 +255,7 @@ def load_encoder(
             meta["backbone"],
             backbone,
         )
-    return {
+    report = {
         "path": str(path),
         "sha256": file_sha256(path),
         "meta": meta,
@@ -255,6 +263,35 @@ def load_encoder(
         "head_init": new,
         "dropped": dropped,
     }
+    return report if supervised is None else {**report, "supervised": supervised}
+
+
+def supervised_encoder_state(
+    state: dict[str, torch.Tensor], encoder_keys: set[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """The encoder weights of a fine-tuned timm classifier's ``state``: what transfer from a
+    supervised model (the paper's "PyTorch (Sup.)" / "DeiT (Sup.)" rows) starts from.
+
+    ``encoder_keys`` are those of the same backbone with ``num_classes=0`` and timm's default
+    pooling, as ``encoder.pt`` holds them. The classifier (``head.*``, ``fc.*``: keys outside
+    the encoder) is removed. A ViT fine-tuned with average pooling has no final ``norm`` but an
+    ``fc_norm`` of the same shape (timm swaps one for the other): its ``fc_norm`` becomes
+    ``norm``, the encoder's last LayerNorm (the transfer heads prune that layer anyway). Any
+    other difference is left for the strict load to report. Returns the state and a report
+    (``removed``, ``renamed``).
+    """
+    state = dict(state)
+    renamed = []
+    if not any(k.startswith("norm.") for k in state):
+        for key in [k for k in state if k.startswith("fc_norm.")]:
+            target = "norm." + key.removeprefix("fc_norm.")
+            if target in encoder_keys:
+                state[target] = state.pop(key)
+                renamed.append(f"{key} -> {target}")
+    removed = sorted(k for k in state if k not in encoder_keys)
+    for key in removed:
+        state.pop(key)
+    return state, {"removed": removed, "renamed": renamed}
 
 
 class LinearProbe(nn.Module):

@@ -20,6 +20,7 @@ from a2mim.data.fashion_mnist import prepare_fashion_mnist
 from a2mim.data.transforms import eval_transform
 from a2mim.mim import MaskedImageModel, get_preset
 from a2mim.stages import finetune, pretrain
+from a2mim.stages.rundir import init_tags
 from a2mim.train import checkpoint
 from a2mim.train.classify import (
     AugSampler,
@@ -154,9 +155,42 @@ def test_wrong_checkpoint_names_missing_and_unexpected_keys(fmnist, tmp_path):
     checkpoint.atomic_save(clf, bad)
     with pytest.raises(ValueError, match=r"classifier keys \['fc.bias', 'fc.weight'\]"):
         load_encoder(create_classifier("resnet18", 10, 32), bad, "resnet18", 32)
-    checkpoint.atomic_save({**clf, "meta": {"stage": "finetune"}}, bad)
-    with pytest.raises(ValueError, match="output of stage 'finetune'"):
+    checkpoint.atomic_save({**clf, "meta": {"stage": "linprobe"}}, bad)
+    with pytest.raises(ValueError, match=r"output of stage 'linprobe'.*model\.pt of a finetune"):
         load_encoder(create_classifier("resnet18", 10, 32), bad, "resnet18", 32)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "kwargs", "pool", "removed", "renamed"),
+    [
+        ("resnet18", {}, None, ["fc.bias", "fc.weight"], []),
+        (
+            "vit_tiny_patch16_224",
+            {"depth": 2},
+            "avg",
+            ["head.bias", "head.weight"],
+            ["fc_norm.weight -> norm.weight", "fc_norm.bias -> norm.bias"],
+        ),
+    ],
+)
+def test_finetuned_classifier_loads_as_a_supervised_encoder(
+    tmp_path, backbone, kwargs, pool, removed, renamed
+):
+    # The "(Sup.)" rows of Tables 3-4 transfer a fine-tuned classifier's encoder (model.pt).
+    torch.manual_seed(0)
+    clf = create_classifier(backbone, 10, 32, kwargs, global_pool=pool)
+    meta = {"stage": "finetune", "backbone": backbone, "backbone_kwargs": kwargs, "img_size": 32}
+    path = tmp_path / "model.pt"
+    checkpoint.atomic_save({"state_dict": clf.state_dict(), "meta": meta}, path)
+    encoder = create_classifier(backbone, 0, 32, kwargs)
+    report = load_encoder(encoder, path, backbone, 32, kwargs, allow_new_head=False)
+    assert report["supervised"] == {"removed": removed, "renamed": renamed}
+    trained = clf.state_dict()
+    for key, value in encoder.state_dict().items():
+        source = "fc_" + key if renamed and key.startswith("norm.") else key
+        assert torch.equal(value, trained[source]), key
+    assert report["loaded"] == len(encoder.state_dict())
+    assert init_tags(backbone, report)["method"] == "supervised"
 
 
 def test_pretrain_encoder_loads_into_every_weight_but_the_head(fmnist, encoder_pt):

@@ -62,6 +62,15 @@ def test_tiny_dag_runs_to_tables_and_figures(tiny_run):
     for name in cfg["segment"]:
         metrics = json.loads((Path(results) / f"runs/segment/{name}/metrics.json").read_text())
         assert metrics["miou"] > 4.0, (name, metrics)
+    # The "PyTorch (Sup.)" row: scratch_r18's fine-tuned classifier transferred (sup_r18), so
+    # the audit checks A2MIM vs supervised in every Table 3 column.
+    sup = [r for r in finished if r["tags"].get("run_name", "").endswith("/sup_r18")]
+    assert sorted(r["tags"]["stage"] for r in sup) == ["detect", "segment"]
+    assert all(r["tags"]["method"] == "supervised" for r in sup)
+    assert all(r["tags"]["pretrain_run"] == "finetune/scratch_r18" for r in sup)
+    claims = json.loads((tables / "audit.json").read_text())["claims"]
+    vs_sup = [c for c in claims if c["short"] == "table3" and "PyTorch (Sup.)" in c["rows"]]
+    assert len(vs_sup) == 3 and all(c["verdict"] in ("holds", "fails") for c in vs_sup), vs_sup
     for fig in ("figure1", "figure3", "figure5"):
         for ext in ("png", "svg", "csv"):
             assert (Path(results) / "figures" / fig / f"{fig}.{ext}").stat().st_size > 0

@@ -43,6 +43,11 @@ def test_paper_dry_run_with_slurm_profile_plans_every_job() -> None:
     # Upstream checkpoints travel through the DAG.
     ft = next(line for line in launches if "-- finetune" in line and "a2mim_r50_300ep_a2" in line)
     assert "--init results/paper/runs/pretrain/a2mim_r50_300ep/encoder.pt" in ft
+    # The "(Sup.)" transfer rows start from a supervised classifier (a finetune run's model.pt),
+    # and their Epochs cell is that run's training epochs.
+    sup = next(line for line in launches if "-- detect" in line and "detect/sup_vitb " in line)
+    assert "--init results/paper/runs/finetune/scratch_vitb/model.pt" in sup
+    assert "--tag pretrain_run=finetune/scratch_vitb --tag pretrain_epochs=300" in sup
 
 
 def test_bare_invocation_runs_the_tiny_matrix_locally() -> None:
@@ -68,6 +73,18 @@ def _mutated(tmp_path, mutate):
         (lambda c: c["pretrain"]["a2mim_r18"].update(recipie="tiny"), "recipie"),
         (lambda c: c["datasets"]["fmnist"]["prepare"].update(train_per_class="200"), "'200'"),
         (lambda c: c["finetune"]["a2mim_r18"].update(init="nope"), "init 'nope' is not a pretrain"),
+        (
+            lambda c: c["detect"]["sup_r18"].update(init="finetune/nope"),
+            "init 'finetune/nope' is not a finetune run",
+        ),
+        (
+            lambda c: c["finetune"]["a2mim_r18"].update(init="finetune/scratch_r18"),
+            "a supervised init (finetune/<run>) is for linprobe, detect and segment",
+        ),
+        (
+            lambda c: c["segment"]["sup_r18"].update(init="linprobe/a2mim_r18"),
+            "name a pretrain run, or finetune/<run>",
+        ),
         (lambda c: c["finetune"]["a2mim_r18"].update(data="in1k"), "data 'in1k' is not a key"),
         (
             lambda c: c["finetune"]["a2mim_r18"].update(
@@ -77,7 +94,18 @@ def _mutated(tmp_path, mutate):
         ),
         (lambda c: c.update(scale="huge"), "huge"),
     ],
-    ids=["unknown-top-key", "unknown-run-key", "string-int", "init", "data", "cell", "scale"],
+    ids=[
+        "unknown-top-key",
+        "unknown-run-key",
+        "string-int",
+        "init",
+        "sup-init",
+        "sup-init-finetune",
+        "init-stage",
+        "data",
+        "cell",
+        "scale",
+    ],
 )
 def test_bad_config_is_refused_naming_the_problem(tmp_path, mutate, message) -> None:
     path = _mutated(tmp_path, mutate)

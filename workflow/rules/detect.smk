@@ -14,7 +14,7 @@ rule detect:
     params:
         launch=lambda w: M.launch_args("detect", w.name),
         args=lambda w: M.stage_args("detect", w.name),
-        init=lambda w, input: f"--init {input.init}" if input.init else "",
+        init=lambda w: M.init_arg("detect", w.name),
     threads: lambda w: M.threads("detect", w.name)
     conda:
         CONDA_ENV

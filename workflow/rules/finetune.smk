@@ -14,7 +14,7 @@ rule finetune:
     params:
         launch=lambda w: M.launch_args("finetune", w.name),
         args=lambda w: M.stage_args("finetune", w.name),
-        init=lambda w, input: f"--init {input.init}" if input.init else "",
+        init=lambda w: M.init_arg("finetune", w.name),
     threads: lambda w: M.threads("finetune", w.name)
     conda:
         CONDA_ENV

@@ -14,7 +14,7 @@ rule linprobe:
     params:
         launch=lambda w: M.launch_args("linprobe", w.name),
         args=lambda w: M.stage_args("linprobe", w.name),
-        init=lambda w, input: f"--init {input.init}" if input.init else "",
+        init=lambda w: M.init_arg("linprobe", w.name),
     threads: lambda w: M.threads("linprobe", w.name)
     conda:
         CONDA_ENV

@@ -14,7 +14,7 @@ rule segment:
     params:
         launch=lambda w: M.launch_args("segment", w.name),
         args=lambda w: M.stage_args("segment", w.name),
-        init=lambda w, input: f"--init {input.init}" if input.init else "",
+        init=lambda w: M.init_arg("segment", w.name),
     threads: lambda w: M.threads("segment", w.name)
     conda:
         CONDA_ENV
