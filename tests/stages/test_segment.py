@@ -174,9 +174,17 @@ def test_wrong_checkpoint_is_a_clear_error(scenes, tmp_path):
 
     model = build_upernet("resnet18", 11, 48, channels=16, aux_channels=16)
     clf = timm.create_model("resnet18", num_classes=10)
-    checkpoint.atomic_save({"state_dict": clf.state_dict(), "meta": {"stage": "finetune"}}, bad)
-    with pytest.raises(ValueError, match="output of stage 'finetune'"):
+    checkpoint.atomic_save({"state_dict": clf.state_dict(), "meta": {"stage": "linprobe"}}, bad)
+    with pytest.raises(ValueError, match="output of stage 'linprobe'"):
         load_init(model, bad, "resnet18")
+    # A fine-tuned classifier is a supervised encoder (the "(Sup.)" rows): every backbone weight
+    # is the classifier's, its fc head is removed.
+    checkpoint.atomic_save({"state_dict": clf.state_dict(), "meta": {"stage": "finetune"}}, bad)
+    report = load_init(model, bad, "resnet18")
+    assert report["supervised"]["removed"] == ["fc.bias", "fc.weight"]
+    trained = clf.state_dict()
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, trained[key]), key
     checkpoint.atomic_save({"weights": clf.state_dict()}, bad)
     with pytest.raises(ValueError, match="not an encoder checkpoint"):
         load_init(model, bad, "resnet18")
