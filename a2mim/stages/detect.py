@@ -58,7 +58,7 @@ from a2mim.config import ConfigError, from_dict, to_dict
 from a2mim.data.coco import CocoInstances, coco_evaluate, drop_crowd
 from a2mim.detection import DetectorSpec, Input, build_detector, resolve_backend
 from a2mim.detection.backbone import vit_layer_id
-from a2mim.stages.rundir import config_hash, init_tags, open_run
+from a2mim.stages.rundir import config_hash, init_tags, open_run, require_init
 from a2mim.train import checkpoint, steplog
 from a2mim.train.classify import check_backbone, tracked_derived
 from a2mim.train.distributed import broadcast_buffers, resolve_device, world_info
@@ -128,9 +128,7 @@ class DetectConfig:
     solver: SolverConfig = field(default_factory=SolverConfig)
     backend: Literal["auto", "torchvision", "detectron2"] = "auto"
     scale: Literal["tiny", "small", "paper"] = "paper"
-    init: str | None = (
-        None  # pretrain encoder.pt or finetune model.pt (supervised); null trains from scratch
-    )
+    init: str | None = None  # pretrain encoder.pt / finetune model.pt; null: from scratch
     batch_size: int = 16  # images per process and step
     amp: Literal["none", "bf16", "fp16"] = "none"
     seed: int = 0
@@ -424,11 +422,7 @@ def run(
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
         torch.backends.cudnn.benchmark = False
-    if cfg.init is not None and not Path(cfg.init).is_file():
-        raise FileNotFoundError(
-            f"init checkpoint {cfg.init} does not exist; pass the encoder.pt of a pretrain run "
-            "or the model.pt of a finetune run"
-        )
+    require_init(cfg.init)
     train_set, val_set = _open_datasets(cfg)
     train_idx = trainable_indices(train_set, cfg.data.filter_empty)
     global_batch = cfg.batch_size * world

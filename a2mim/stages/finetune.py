@@ -49,7 +49,7 @@ from a2mim import atomic
 from a2mim.config import ConfigError, from_dict
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from a2mim.stages.rundir import config_hash, init_tags, open_run
+from a2mim.stages.rundir import config_hash, init_tags, open_run, require_init
 from a2mim.train import checkpoint, steplog
 from a2mim.train.classify import (
     AugmentedDataset,
@@ -184,9 +184,7 @@ class FinetuneConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     scale: Literal["tiny", "small", "paper"] = "paper"
-    init: str | None = (
-        None  # pretrain encoder.pt or finetune model.pt (supervised); null trains from scratch
-    )
+    init: str | None = None  # pretrain encoder.pt / finetune model.pt; null: from scratch
     epochs: int = 100
     batch_size: int = 256  # per process and micro-step
     accum_steps: int = 1
@@ -331,11 +329,7 @@ def run(
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
         torch.backends.cudnn.benchmark = False
 
-    if cfg.init is not None and not Path(cfg.init).is_file():
-        raise FileNotFoundError(
-            f"init checkpoint {cfg.init} does not exist; pass the encoder.pt of a pretrain run "
-            "or the model.pt of a finetune run"
-        )
+    require_init(cfg.init)
     on_corrupt = "skip" if cfg.data.skip_corrupt else "error"
     train_set = ImageFolderDataset(cfg.data.root, cfg.data.split, on_corrupt=on_corrupt)
     test_size = cfg.data.test_img_size or cfg.model.img_size

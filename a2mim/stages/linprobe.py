@@ -36,7 +36,7 @@ from a2mim import atomic
 from a2mim.config import ConfigError, from_dict
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import eval_transform, pretrain_transform
-from a2mim.stages.rundir import config_hash, init_tags, open_run
+from a2mim.stages.rundir import config_hash, init_tags, open_run, require_init
 from a2mim.train import checkpoint, steplog
 from a2mim.train.classify import (
     AugmentedDataset,
@@ -119,9 +119,7 @@ class LinprobeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: ProbeOptimConfig = field(default_factory=ProbeOptimConfig)
     scale: Literal["tiny", "small", "paper"] = "paper"
-    init: str | None = (
-        None  # pretrain encoder.pt or finetune model.pt (supervised); null probes random features
-    )
+    init: str | None = None  # pretrain encoder.pt / finetune model.pt; null: random features
     epochs: int = 100
     batch_size: int = 256  # per process
     amp: Literal["none", "bf16", "fp16"] = "none"
@@ -189,11 +187,7 @@ def run(
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
         torch.backends.cudnn.benchmark = False
 
-    if cfg.init is not None and not Path(cfg.init).is_file():
-        raise FileNotFoundError(
-            f"init checkpoint {cfg.init} does not exist; pass the encoder.pt of a pretrain run "
-            "or the model.pt of a finetune run"
-        )
+    require_init(cfg.init)
     on_corrupt = "skip" if cfg.data.skip_corrupt else "error"
     train_set = ImageFolderDataset(cfg.data.root, cfg.data.split, on_corrupt=on_corrupt)
     val_set = ImageFolderDataset(

@@ -56,6 +56,15 @@ def init_tags(backbone: str, init_report: dict | None) -> dict[str, str]:
     return {"method": preset.split("_")[0], "backbone": backbone, "preset": preset}
 
 
+def require_init(init: str | None) -> None:
+    """A ``FileNotFoundError`` naming what ``--init`` takes, unless ``init`` is None or a file."""
+    if init is not None and not Path(init).is_file():
+        raise FileNotFoundError(
+            f"init checkpoint {init} does not exist; pass the encoder.pt of a pretrain run "
+            "or the model.pt of a finetune run"
+        )
+
+
 def lock_run(out: Path) -> None:
     """Hold an exclusive lock on ``out`` for the life of this process.
 

@@ -62,7 +62,7 @@ from a2mim.models.upernet import (
     slide_logits,
     whole_logits,
 )
-from a2mim.stages.rundir import config_hash, init_tags, open_run
+from a2mim.stages.rundir import config_hash, init_tags, open_run, require_init
 from a2mim.train import checkpoint, steplog
 from a2mim.train.classify import check_backbone, tracked_derived
 from a2mim.train.distributed import (
@@ -184,9 +184,7 @@ class SegmentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: SegmentOptimConfig = field(default_factory=SegmentOptimConfig)
     scale: Literal["tiny", "small", "paper"] = "paper"
-    init: str | None = (
-        None  # pretrain encoder.pt or finetune model.pt (supervised); null trains from scratch
-    )
+    init: str | None = None  # pretrain encoder.pt / finetune model.pt; null: from scratch
     iters: int = 160_000
     batch_size: int = 16  # per process
     amp: Literal["none", "bf16", "fp16"] = "none"
@@ -476,11 +474,7 @@ def run(
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
         torch.backends.cudnn.benchmark = False
-    if cfg.init is not None and not Path(cfg.init).is_file():
-        raise FileNotFoundError(
-            f"init checkpoint {cfg.init} does not exist; pass the encoder.pt of a pretrain run "
-            "or the model.pt of a finetune run"
-        )
+    require_init(cfg.init)
     d = cfg.data
     ade = {
         "reduce_zero_label": d.reduce_zero_label,
