@@ -61,8 +61,9 @@ def build_scheduler(
       prefix: the cosine runs over the ``T - W`` iterations after it).
     * ``step`` (mmcv ``step`` policy, by epoch, warm-up per iteration): linear warm-up, then
       ``peak * step_gamma ** (number of step_epochs <= epoch)``; the warm-up is *not* a prefix,
-      so the step lands exactly at the milestone epoch (timm's default ``warmup_prefix=True``
-      would shift it by the warm-up). A milestone at or past the last epoch would never decay
+      so the step lands exactly on the first iteration of the milestone epoch (timm's default
+      ``warmup_prefix=True`` would shift it by the warm-up, and timm applies a milestone one
+      iteration early). A milestone at or past the last epoch would never decay
       the lr: that is a ``ConfigError``.
     """
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
@@ -88,7 +89,9 @@ def build_scheduler(
         )
     return MultiStepLRScheduler(
         optimizer,
-        decay_t=[e * steps_per_epoch for e in cfg.step_epochs],
+        # timm applies milestone m at step m - 1 (it compares t + 1): +1 puts the decay on the
+        # first iteration of the milestone epoch, where mmcv's by-epoch step puts it.
+        decay_t=[e * steps_per_epoch + 1 for e in cfg.step_epochs],
         decay_rate=cfg.step_gamma,
         warmup_t=warmup,
         warmup_lr_init=cfg.warmup_lr,
