@@ -43,6 +43,19 @@ def test_paper_run_config_resolves(stage, name):
     assert cfg.scale == "paper"
 
 
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    """``encoder.pt`` files of reference-ViT presets, made once per module."""
+    made: dict[tuple, Path] = {}
+
+    def get(preset: str, img_size: int | None = None) -> Path:
+        if (preset, img_size) not in made:
+            made[preset, img_size] = _encoder_pt(tmp_path_factory.mktemp(preset), preset, img_size)
+        return made[preset, img_size]
+
+    return get
+
+
 def _encoder_pt(tmp_path: Path, preset: str, img_size: int | None = None) -> Path:
     mim = get_preset(preset)
     size = img_size or mim.img_size
@@ -68,10 +81,10 @@ def _encoder_pt(tmp_path: Path, preset: str, img_size: int | None = None) -> Pat
     ],
 )
 def test_reference_vit_encoder_loads_strictly_into_its_finetune_recipe(
-    tmp_path, preset, recipe, img_size
+    encoders, preset, recipe, img_size
 ):
     cfg = finetune.load_config(load_yaml(recipes.resolve("finetune", recipe)))
-    cfg = dataclasses.replace(cfg, init=str(_encoder_pt(tmp_path, preset, img_size)))
+    cfg = dataclasses.replace(cfg, init=str(encoders(preset, img_size)))
     model, report = finetune.build_model(cfg, num_classes=10)
     assert type(model).__name__ == "Beit"
     assert report["dropped"] == ["norm.bias", "norm.weight"]  # replaced by fc_norm (avg pool)
@@ -83,8 +96,8 @@ def test_reference_vit_encoder_loads_strictly_into_its_finetune_recipe(
     ]
 
 
-def test_reference_vit_encoder_loads_strictly_into_the_vit_probe(tmp_path):
+def test_reference_vit_encoder_loads_strictly_into_the_vit_probe(encoders):
     cfg = linprobe.load_config(load_yaml(recipes.resolve("linprobe", "vit")))
-    cfg = dataclasses.replace(cfg, init=str(_encoder_pt(tmp_path, "a2mim_vit_base")))
+    cfg = dataclasses.replace(cfg, init=str(encoders("a2mim_vit_base")))
     probe, report = linprobe.build_probe(cfg, num_classes=10)
     assert report["loaded"] == len(probe.backbone.state_dict()) and not report["dropped"]
