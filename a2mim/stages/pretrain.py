@@ -9,9 +9,12 @@ bit-identical to an uninterrupted run.
 
 Under torchrun / Submitit (``world_size`` processes, ``batch_size`` each) a run sees the same
 images, augmentations and masks as one process with ``batch_size * world_size``: masks are drawn
-for the global micro-batch and sliced per rank. What stays per rank, as in the reference code
-(no SyncBN): BatchNorm batch statistics, the frequency loss's focal weights (normalised over each
-rank's batch) and drop path draws. The logged losses are the mean over ranks; rank 0 alone writes.
+for the global micro-batch and sliced per rank. What stays per rank: the frequency loss's focal
+weights (normalised over each rank's batch, as in the reference code), drop path draws and, unless
+``sync_bn`` is set, BatchNorm batch statistics (the reference ResNet-50 configs use SyncBN:
+``sync_bn: true`` converts BatchNorm to ``SyncBatchNorm`` when several CUDA processes train; it
+is a ``ConfigError`` on CPU/gloo, where SyncBatchNorm cannot run, and changes nothing in a
+single process, where it computes exactly BatchNorm). The logged losses are the mean over ranks; rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class PretrainConfig:
     accum_steps: int = 1
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
+    sync_bn: bool = False  # BatchNorm -> SyncBatchNorm across processes (CUDA/NCCL only)
     seed: int = 0
     deterministic: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -103,6 +107,11 @@ def run(cfg: PretrainConfig, out_dir: str | Path) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     rank, world = world_info()
     device = resolve_device(cfg.device)
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
+        raise ConfigError(
+            f"sync_bn: SyncBatchNorm needs CUDA processes (NCCL); this run has {world} processes "
+            f"on {device.type}: set sync_bn: false (per-process BatchNorm) or run on GPUs"
+        )
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
         torch.backends.cudnn.benchmark = False
@@ -168,6 +177,8 @@ def _train(
     model = MaskedImageModel(mim_cfg).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and world > 1:  # CUDA only (checked in run); same parameters, in place
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model.param_groups(cfg.optim.weight_decay), cfg.optim, lr)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")

@@ -1,0 +1,24 @@
+"""``sync_bn`` (the reference ResNet-50 pre-training's SyncBN) refuses CPU/gloo clearly."""
+
+from __future__ import annotations
+
+import pytest
+
+from a2mim import recipes
+from a2mim.config import ConfigError, load_yaml
+from a2mim.stages import pretrain
+
+
+def test_resnet50_paper_recipes_ask_for_sync_bn():
+    for name in ("resnet50_100ep", "resnet50_300ep", "simmim_resnet50_300ep"):
+        assert pretrain.load_config(load_yaml(recipes.resolve("pretrain", name))).sync_bn
+
+
+def test_sync_bn_on_cpu_processes_is_a_config_error_before_any_output(monkeypatch, tmp_path):
+    cfg = pretrain.load_config(
+        {"model": {"preset": "a2mim_resnet18"}, "sync_bn": True, "device": "cpu", "track": False}
+    )
+    monkeypatch.setattr(pretrain, "world_info", lambda: (0, 2))
+    with pytest.raises(ConfigError, match=r"sync_bn: SyncBatchNorm needs CUDA.*set sync_bn: false"):
+        pretrain.run(cfg, tmp_path / "run")
+    assert not any((tmp_path / "run").iterdir())
