@@ -58,7 +58,7 @@ from a2mim.config import ConfigError, from_dict, to_dict
 from a2mim.data.coco import CocoInstances, coco_evaluate, drop_crowd
 from a2mim.detection import DetectorSpec, Input, build_detector, resolve_backend
 from a2mim.detection.backbone import vit_layer_id
-from a2mim.stages.rundir import config_hash, init_tags, open_run, require_init
+from a2mim.train.rundir import config_hash, init_tags, open_run, require_init
 from a2mim.train import checkpoint, steplog
 from a2mim.train.classify import check_backbone, tracked_derived
 from a2mim.train.distributed import broadcast_buffers, resolve_device, world_info

@@ -49,7 +49,7 @@ from a2mim import atomic
 from a2mim.config import ConfigError, from_dict
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from a2mim.stages.rundir import config_hash, init_tags, open_run, require_init
+from a2mim.train.rundir import config_hash, init_tags, open_run, require_init
 from a2mim.train import checkpoint, steplog
 from a2mim.train.classify import (
     AugmentedDataset,

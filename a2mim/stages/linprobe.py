@@ -36,7 +36,7 @@ from a2mim import atomic
 from a2mim.config import ConfigError, from_dict
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import eval_transform, pretrain_transform
-from a2mim.stages.rundir import config_hash, init_tags, open_run, require_init
+from a2mim.train.rundir import config_hash, init_tags, open_run, require_init
 from a2mim.train import checkpoint, steplog
 from a2mim.train.classify import (
     AugmentedDataset,

@@ -62,7 +62,7 @@ from a2mim.models.upernet import (
     slide_logits,
     whole_logits,
 )
-from a2mim.stages.rundir import config_hash, init_tags, open_run, require_init
+from a2mim.train.rundir import config_hash, init_tags, open_run, require_init
 from a2mim.train import checkpoint, steplog
 from a2mim.train.classify import check_backbone, tracked_derived
 from a2mim.train.distributed import (

@@ -20,7 +20,7 @@ from a2mim.data.fashion_mnist import prepare_fashion_mnist
 from a2mim.data.transforms import eval_transform
 from a2mim.mim import MaskedImageModel, get_preset
 from a2mim.stages import finetune, pretrain
-from a2mim.stages.rundir import init_tags
+from a2mim.train.rundir import init_tags
 from a2mim.train import checkpoint
 from a2mim.train.classify import (
     AugSampler,
