@@ -90,6 +90,17 @@ def lock_run(out: Path) -> None:
     _RUN_LOCKS[key] = fd
 
 
+def finished_hash(out: Path) -> str | None:
+    """The config hash of the finished run in ``out`` (its ``metrics.json`` and
+    ``resolved_config.yaml``), or None: a folder without a checkpoint may still hold a run's
+    results, which another config must not overwrite."""
+    resolved = out / "resolved_config.yaml"
+    if not ((out / "metrics.json").is_file() and resolved.is_file()):
+        return None
+    data = yaml.safe_load(resolved.read_text()) or {}
+    return (data.get("derived") or {}).get("config_hash")
+
+
 def open_run(
     stage: str,
     cfg: Any,
@@ -109,10 +120,12 @@ def open_run(
         lock_run(out)
     ckpt_path = out / "checkpoint.pt"
     state = checkpoint.load(ckpt_path) if ckpt_path.exists() else None
-    if state is not None and state["config_hash"] != derived["config_hash"]:
+    recorded = state["config_hash"] if state is not None else finished_hash(out)
+    if recorded is not None and recorded != derived["config_hash"]:
         raise ConfigError(
-            f"{out} holds a run with a different config (hash {state['config_hash']} vs "
-            f"{derived['config_hash']}); use another --out or delete {ckpt_path}"
+            f"{out} holds a run with a different config (hash {recorded} vs "
+            f"{derived['config_hash']}); use another --out, or delete the folder {out} to "
+            f"start this config over there"
         )
     if state is not None and rank == 0:
         print(f"{stage}: resuming from {ckpt_path} at step {state['step']}", flush=True)
