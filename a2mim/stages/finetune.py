@@ -372,8 +372,9 @@ class ClassifyTask(engine.Task):
 
     def to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         img_bchw, target_b = batch
-        img_bchw, target_b = img_bchw.to(self.ctx.device, non_blocking=True), target_b.to(
-            self.ctx.device
+        img_bchw, target_b = (
+            img_bchw.to(self.ctx.device, non_blocking=True),
+            target_b.to(self.ctx.device),
         )
         if self.cfg.channels_last:
             img_bchw = img_bchw.contiguous(memory_format=torch.channels_last)

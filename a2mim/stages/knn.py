@@ -172,9 +172,7 @@ class KnnMonitor:
     """The k-NN accuracy of a pretraining run's encoder (rank 0 evaluates; the others get
     None), from the encoder weights (``encoder_state_dict()``) loaded into a timm model."""
 
-    def __init__(
-        self, cfg: KnnMonitorConfig, data: ImageFolderData, mim_cfg, ctx: engine.Context
-    ):
+    def __init__(self, cfg: KnnMonitorConfig, data: ImageFolderData, mim_cfg, ctx: engine.Context):
         self.cfg, self.ctx = cfg, ctx
         if ctx.rank != 0:
             return
