@@ -84,6 +84,12 @@ def check_range(value: Any, rng: Range, where: str) -> None:
             )
 
 
+def check_ranges(obj: Any, ranges: dict[str, Range], where: str) -> None:
+    """:func:`check_range` for fields of a config object declared without :func:`bounded`."""
+    for name, rng in ranges.items():
+        check_range(getattr(obj, name), rng, f"{where}.{name}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The run-control keys every training stage shares (top-level keys of its YAML).
@@ -267,6 +273,7 @@ __all__ = [
     "RunConfig",
     "bounded",
     "check_range",
+    "check_ranges",
     "from_dict",
     "load_yaml",
     "to_dict",

@@ -51,7 +51,7 @@ from pycocotools.coco import COCO
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from a2mim.config import ConfigError, RunConfig, bounded, from_dict, to_dict
+from a2mim.config import ConfigError, Range, RunConfig, bounded, check_ranges, from_dict, to_dict
 from a2mim.data.coco import CocoInstances, coco_evaluate, drop_crowd
 from a2mim.detection import DetectorSpec, Input, build_detector, resolve_backend
 from a2mim.detection.backbone import vit_layer_id
@@ -108,9 +108,9 @@ class SolverConfig:
     betas: tuple[float, float] = bounded((0.9, 0.999), ge=0, lt=1)
     weight_decay: float = bounded(1e-4, ge=0)
     weight_decay_norm: float = bounded(0.0, ge=0)
-    layer_decay: float | None = None
+    layer_decay: float | None = bounded(None, gt=0, le=1)
     max_iter: int = bounded(90000, ge=0)
-    steps: tuple[int, ...] = (60000, 80000)
+    steps: tuple[int, ...] = bounded((60000, 80000), ge=1)
     gamma: float = bounded(0.1, gt=0)
     warmup_iters: int = bounded(1000, ge=0)
     warmup_factor: float = bounded(0.001, ge=0, le=1)
@@ -131,9 +131,42 @@ class DetectConfig(RunConfig):
     log_every_steps: int = bounded(20, ge=1)
 
 
+_ONE_UP, _FRACTION = Range(lo=1), Range(lo=0, hi=1)
+SPEC_RANGES = {  # the numeric fields of a2mim.detection's DetectorSpec and Input
+    "model": {
+        "img_size": _ONE_UP,
+        "drop_path_rate": Range(lo=0, hi=1, hi_open=True),
+        "window_size": _ONE_UP,
+        "global_blocks": Range(lo=0),
+        "fpn_channels": _ONE_UP,
+        "anchor_sizes": Range(lo=0, lo_open=True),
+        "aspect_ratios": Range(lo=0, lo_open=True),
+        "rpn_batch_per_image": _ONE_UP,
+        "rpn_pre_nms_topk_train": _ONE_UP,
+        "rpn_post_nms_topk_train": _ONE_UP,
+        "rpn_pre_nms_topk_test": _ONE_UP,
+        "rpn_post_nms_topk_test": _ONE_UP,
+        "roi_batch_per_image": _ONE_UP,
+        "box_fc_dim": _ONE_UP,
+        "mask_conv_dim": _ONE_UP,
+        "mask_num_conv": _ONE_UP,
+        "score_thresh": _FRACTION,
+        "detections_per_image": _ONE_UP,
+    },
+    "input": {
+        "min_size_train": _ONE_UP,
+        "max_size_train": _ONE_UP,
+        "min_size_test": _ONE_UP,
+        "max_size_test": _ONE_UP,
+    },
+}
+
+
 def load_config(data: dict[str, Any], where: str = "config") -> DetectConfig:
     """Validate a mapping into a ``DetectConfig`` (unknown keys and bad values are errors)."""
     cfg = from_dict(DetectConfig, data, where)
+    for section, ranges in SPEC_RANGES.items():
+        check_ranges(getattr(cfg, section), ranges, f"{where}.{section}")
     spec, solver = cfg.model, cfg.solver
     check_backbone(spec.backbone, where)
     if spec.arch != "c4" and len(spec.anchor_sizes) != 5:

@@ -162,7 +162,7 @@ class SegmentOptimConfig:
     weight_decay: float = bounded(0.05, ge=0)
     betas: tuple[float, float] | None = bounded((0.9, 0.999), ge=0, lt=1)
     momentum: float = bounded(0.9, ge=0, le=1)
-    layer_decay: float | None = None
+    layer_decay: float | None = bounded(None, gt=0, le=1)
     warmup_iters: int = bounded(1500, ge=0)
     warmup_ratio: float = bounded(1e-6, ge=0, le=1)
     power: float = bounded(1.0, gt=0)
