@@ -170,3 +170,16 @@ def test_non_finite_loss_stops_the_run(tmp_path):
     with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step 2; lower the lr"):
         engine.train(ToyTask(_cfg(), poison_at=2), tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_finished_run_of_another_config_is_kept_even_without_its_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    engine.train(ToyTask(_cfg()), out)
+    with pytest.raises(ConfigError, match="different config"):
+        engine.train(ToyTask(_cfg(seed=1)), out)
+    (out / "checkpoint.pt").unlink()  # what the old hint said to do
+    before = (out / "resolved_config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"different config .* delete the folder"):
+        engine.train(ToyTask(_cfg(seed=1)), out)
+    assert (out / "resolved_config.yaml").read_text() == before
+    engine.train(ToyTask(_cfg()), out)  # the same config again: its results stand
