@@ -49,7 +49,7 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from a2mim.config import ConfigError, Range, RunConfig, bounded, check_ranges, from_dict, to_dict
 from a2mim.data.coco import CocoInstances, coco_evaluate, drop_crowd
@@ -59,7 +59,7 @@ from a2mim.train import checkpoint, engine
 from a2mim.train.classify import check_backbone, tracked_derived
 from a2mim.train.distributed import broadcast_buffers, world_info
 from a2mim.train.rundir import init_tags, require_init
-from a2mim.train.sampling import EpochSampler, mix_seed
+from a2mim.train.sampling import mix_seed
 
 __all__ = [
     "DataConfig",
@@ -434,14 +434,6 @@ def _open_datasets(cfg: DetectConfig) -> tuple[CocoInstances, CocoInstances]:
     return train, val
 
 
-def run(
-    cfg: DetectConfig, out_dir: str | Path, stop_after_steps: int | None = None
-) -> dict[str, Any]:
-    """Train (or resume) and evaluate into ``out_dir``; returns the final metrics
-    (``stop_after_steps``: see `a2mim.train.engine.train`)."""
-    return engine.train(DetectTask(cfg), out_dir, stop_after_steps)
-
-
 class DetectTask(engine.Task):
     """Mask R-CNN: the detector returns its losses; detectron2's solver (`WarmupMultiStep`);
     COCOeval every ``eval_every_steps`` and at the end."""
@@ -504,26 +496,7 @@ class DetectTask(engine.Task):
         return tracked_derived(derived)
 
     def batches(self, step: int):
-        cfg, ctx, steps = self.cfg, self.ctx, self.steps
-        epoch, pos = divmod(step, steps.per_epoch)
-        sampler = EpochSampler(
-            len(self.train_idx),
-            cfg.seed,
-            epoch,
-            start=pos * cfg.batch_size * steps.accum_steps,
-            rank=ctx.rank,
-            world_size=ctx.world,
-            usable=steps.per_epoch * steps.global_batch,
-        )
-        loader = DataLoader(
-            self.flipped,
-            batch_size=cfg.batch_size,
-            sampler=sampler,
-            num_workers=cfg.data.num_workers,
-            collate_fn=_collate,
-            drop_last=True,
-        )
-        return iter(loader)
+        return self.epoch_batches(step, self.flipped, len(self.train_idx), collate_fn=_collate)
 
     def step_seed(self, step: int) -> int:
         return mix_seed(self.cfg.seed, 1, step, self.ctx.rank)  # resize, RPN/RoI sampling
@@ -613,3 +586,6 @@ def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     model = build_detector(resolve_backend(meta["backend"]), spec, inputs, meta["num_classes"])
     model.load_state_dict(saved["state_dict"], strict=True)
     return model.eval(), meta
+
+
+run = engine.stage_runner(DetectTask)

@@ -31,7 +31,6 @@ counts, so ``top1`` is over the whole set; rank 0 alone writes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -280,14 +279,6 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
     return ImageOps.posterize(img, bits_to_keep)
 
 
-def run(
-    cfg: FinetuneConfig, out_dir: str | Path, stop_after_steps: int | None = None
-) -> dict[str, float]:
-    """Fine-tune (or resume) into ``out_dir``; returns the final metrics (``stop_after_steps``:
-    see `a2mim.train.engine.train`)."""
-    return engine.train(FinetuneTask(cfg), out_dir, stop_after_steps)
-
-
 def open_splits(cfg, test_size: int) -> tuple[ImageFolderDataset, ImageFolderDataset]:
     """The training split and the validation split (resized to ``test_size``) of an ImageFolder
     classification stage; an error when their classes differ."""
@@ -349,26 +340,8 @@ class ClassifyTask(engine.Task):
         return tracked_derived(derived)
 
     def batches(self, step: int):
-        cfg, ctx, steps = self.cfg, self.ctx, self.steps
-        epoch, pos = divmod(step, steps.per_epoch)
-        sampler = AugSampler(
-            len(self.train_set),
-            cfg.seed,
-            epoch,
-            repeats=self.repeats,
-            start=pos * cfg.batch_size * steps.accum_steps,
-            rank=ctx.rank,
-            world_size=ctx.world,
-            usable=steps.per_epoch * steps.global_batch,
-        )
-        loader = DataLoader(
-            self.seeded,
-            batch_size=cfg.batch_size,
-            sampler=sampler,
-            num_workers=cfg.data.num_workers,
-            drop_last=True,
-        )
-        return iter(loader)
+        num = len(self.train_set)
+        return self.epoch_batches(step, self.seeded, num, AugSampler, sampler_repeats=self.repeats)
 
     def to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         img_bchw, target_b = batch
@@ -509,3 +482,6 @@ class FinetuneTask(ClassifyTask):
             saved["state_dict_ema"] = self.ema.module.state_dict()
         checkpoint.atomic_save(saved, self.ctx.out / "model.pt")
         return []
+
+
+run = engine.stage_runner(FinetuneTask)

@@ -23,7 +23,6 @@ the shards, so ``top1`` is that of ``model.pt`` on the whole validation set.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -136,14 +135,6 @@ def build_probe(cfg: LinprobeConfig, num_classes: int) -> tuple[LinearProbe, dic
     return probe, report
 
 
-def run(
-    cfg: LinprobeConfig, out_dir: str | Path, stop_after_steps: int | None = None
-) -> dict[str, float]:
-    """Train (or resume) the linear probe into ``out_dir``; returns the final metrics
-    (``stop_after_steps``: see `a2mim.train.engine.train`)."""
-    return engine.train(LinprobeTask(cfg), out_dir, stop_after_steps)
-
-
 class LinprobeTask(ClassifyTask):
     """The probe's head trains (SGD) on the frozen backbone's features; the checkpoint holds
     the head only."""
@@ -215,3 +206,6 @@ class LinprobeTask(ClassifyTask):
         saved = {"state_dict": self.probe.state_dict(), "meta": meta}
         checkpoint.atomic_save(saved, self.ctx.out / "model.pt")
         return []
+
+
+run = engine.stage_runner(LinprobeTask)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from a2mim.analysis.reconstruction import reconstruction_panels, save_reconstruction_figure
 from a2mim.config import ConfigError, ImageFolderData, RunConfig, bounded, from_dict, to_dict
@@ -33,7 +32,7 @@ from a2mim.stages.knn import KnnMonitor, KnnMonitorConfig
 from a2mim.train import checkpoint, engine
 from a2mim.train.distributed import local_rows
 from a2mim.train.optim import OptimConfig, build_optimizer, build_scheduler, scaled_lr
-from a2mim.train.sampling import EpochSampler, SeededDataset, mix_seed
+from a2mim.train.sampling import SeededDataset, mix_seed
 
 LOSS_KEYS = ("loss", "loss_spatial", "loss_freq")
 
@@ -69,14 +68,6 @@ class PretrainConfig(RunConfig):
         except KeyError as exc:
             raise ConfigError(f"model.preset: {exc.args[0]}") from None
         return from_dict(MIMConfig, {**to_dict(base), **self.model.overrides}, "model.overrides")
-
-
-def run(
-    cfg: PretrainConfig, out_dir: str | Path, stop_after_steps: int | None = None
-) -> dict[str, float]:
-    """Pre-train (or resume) into ``out_dir``; returns the final metrics (``stop_after_steps``:
-    see `a2mim.train.engine.train`)."""
-    return engine.train(PretrainTask(cfg), out_dir, stop_after_steps)
 
 
 class PretrainTask(engine.Task):
@@ -128,26 +119,7 @@ class PretrainTask(engine.Task):
         return {"model": self.model.state_dict(), "torch_rng": torch.get_rng_state()}
 
     def batches(self, step: int):
-        cfg, ctx, steps = self.cfg, self.ctx, self.steps
-        epoch, pos = divmod(step, steps.per_epoch)
-        sampler = EpochSampler(
-            len(self.dataset),
-            cfg.seed,
-            epoch,
-            start=pos * cfg.batch_size * steps.accum_steps,
-            rank=ctx.rank,
-            world_size=ctx.world,
-            usable=steps.per_epoch * steps.global_batch,
-        )
-        loader = DataLoader(
-            self.seeded,
-            batch_size=cfg.batch_size,
-            sampler=sampler,
-            num_workers=cfg.data.num_workers,
-            drop_last=True,
-            persistent_workers=False,
-        )
-        return iter(loader)
+        return self.epoch_batches(step, self.seeded, len(self.dataset))
 
     def loss(self, train_model, batch, step, micro):
         ctx = self.ctx
@@ -259,3 +231,6 @@ def load_config(data: dict[str, Any], where: str = "config") -> PretrainConfig:
 
 
 __all__ = ["DataConfig", "ModelConfig", "PretrainConfig", "load_config", "run"]
+
+
+run = engine.stage_runner(PretrainTask)

@@ -441,14 +441,6 @@ def evaluate(
 # ------------------------------------------------------------------------------------- run
 
 
-def run(
-    cfg: SegmentConfig, out_dir: str | Path, stop_after_steps: int | None = None
-) -> dict[str, float]:
-    """Train (or resume) into ``out_dir`` and evaluate; returns the final metrics
-    (``stop_after_steps``: see `a2mim.train.engine.train`)."""
-    return engine.train(SegmentTask(cfg), out_dir, stop_after_steps)
-
-
 class SegmentTask(engine.Task):
     """UperNet on a stream of augmented crops (no epochs); the decode + auxiliary loss; mIoU
     every ``eval.every_steps`` and at the end."""
@@ -598,3 +590,6 @@ def _write_outputs(
         str(k): (None if math.isnan(v) else v) for k, v in enumerate(result["iou_per_class"])
     }
     atomic.write_text(out / "per_class_iou.json", json.dumps(per_class, indent=2))
+
+
+run = engine.stage_runner(SegmentTask)

@@ -38,13 +38,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from a2mim import atomic
 from a2mim.config import ConfigError
 from a2mim.train import checkpoint, preemption, steplog
 from a2mim.train.distributed import mean_over_ranks, rank_seed, resolve_device, world_info
 from a2mim.train.rundir import config_hash, open_run
-from a2mim.train.sampling import mix_seed
+from a2mim.train.sampling import EpochSampler, mix_seed
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {
     "none": None,
@@ -60,6 +61,7 @@ __all__ = [
     "accumulation",
     "epoch_steps",
     "interruptible",
+    "stage_runner",
     "train",
 ]
 
@@ -220,6 +222,36 @@ class Task:
         """The micro-batches from ``step`` to ``steps.segment_end(step)``."""
         raise NotImplementedError
 
+    def epoch_batches(
+        self, step: int, dataset: Any, num: int, sampler: type = EpochSampler, **kw: Any
+    ) -> Iterator[Any]:
+        """The micro-batches of ``step``'s epoch from its position: ``sampler`` (the seeded
+        order of ``num`` samples, this rank's share, truncated to whole global batches; ``kw``
+        that start with ``sampler_`` go to it) over ``dataset`` (``kw``: DataLoader options)."""
+        cfg, ctx, steps = self.cfg, self.ctx, self.steps
+        epoch, pos = divmod(step, steps.per_epoch)
+        order = sampler(
+            num,
+            cfg.seed,
+            epoch,
+            start=pos * cfg.batch_size * steps.accum_steps,
+            rank=ctx.rank,
+            world_size=ctx.world,
+            usable=steps.per_epoch * steps.global_batch,
+            **{k.removeprefix("sampler_"): v for k, v in kw.items() if k.startswith("sampler_")},
+        )
+        loader_kw = {k: v for k, v in kw.items() if not k.startswith("sampler_")}
+        return iter(
+            DataLoader(
+                dataset,
+                batch_size=cfg.batch_size,
+                sampler=order,
+                num_workers=cfg.data.num_workers,
+                drop_last=True,
+                **loader_kw,
+            )
+        )
+
     def train_mode(self) -> None:
         self.model.train()
 
@@ -285,6 +317,20 @@ def _preemption_requested(ctx: Context) -> bool:
     flag = torch.tensor([float(preemption.requested() is not None)], device=ctx.device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def stage_runner(task_type: type[Task]):
+    """A stage's ``run(cfg, out_dir, stop_after_steps=None) -> metrics``: :func:`train` of a
+    ``task_type`` task."""
+
+    def run(cfg: Any, out_dir: str | Path, stop_after_steps: int | None = None) -> dict[str, Any]:
+        return train(task_type(cfg), out_dir, stop_after_steps)
+
+    run.__doc__ = (
+        f"Train (or resume) a {task_type.stage} run into ``out_dir``; returns the final metrics "
+        "(``stop_after_steps``: see `a2mim.train.engine.train`)."
+    )
+    return run
 
 
 def train(task: Task, out_dir: str | Path, stop_after_steps: int | None = None) -> dict[str, Any]:
