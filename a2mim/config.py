@@ -117,6 +117,30 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class OptimBase:
+    """The optimiser keys every stage shares. ``lr = base_lr * global_batch / lr_batch_divisor``
+    (linear scaling, computed once by :meth:`scaled_lr` and saved with the run)."""
+
+    base_lr: float = bounded(1e-3, gt=0)
+    lr_batch_divisor: int = bounded(256, ge=1)
+    weight_decay: float = bounded(0.0, ge=0)
+    grad_clip: float | None = bounded(None, gt=0)
+
+    def scaled_lr(self, global_batch: int) -> float:
+        return self.base_lr * global_batch / self.lr_batch_divisor
+
+
+@dataclass(frozen=True)
+class EpochWarmupCosine(OptimBase):
+    """An epoch-based schedule: linear warm-up from ``warmup_lr`` over ``warmup_epochs``, then
+    per-iteration cosine to ``min_lr``."""
+
+    warmup_epochs: float = bounded(0.0, ge=0)
+    warmup_lr: float = bounded(0.0, ge=0)
+    min_lr: float = bounded(0.0, ge=0)
+
+
+@dataclass(frozen=True)
 class ImageFolderData:
     """An ImageFolder dataset (``root/split/<class>/<image>``), its validation split, whether
     unreadable images are skipped (both splits) and the loader workers."""
@@ -268,7 +292,9 @@ def _type_name(tp: Any) -> str:
 
 __all__ = [
     "ConfigError",
+    "EpochWarmupCosine",
     "ImageFolderData",
+    "OptimBase",
     "Range",
     "RunConfig",
     "bounded",

@@ -51,7 +51,16 @@ from pycocotools.coco import COCO
 from torch import nn
 from torch.utils.data import Dataset
 
-from a2mim.config import ConfigError, Range, RunConfig, bounded, check_ranges, from_dict, to_dict
+from a2mim.config import (
+    ConfigError,
+    OptimBase,
+    Range,
+    RunConfig,
+    bounded,
+    check_ranges,
+    from_dict,
+    to_dict,
+)
 from a2mim.data.coco import CocoInstances, coco_evaluate, drop_crowd
 from a2mim.detection import DetectorSpec, Input, build_detector, resolve_backend
 from a2mim.detection.backbone import vit_layer_id
@@ -97,7 +106,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class SolverConfig:
+class SolverConfig(OptimBase):
     """detectron2's solver (``SOLVER.*``): iterations, not epochs. ``layer_decay`` (ViT only)
     scales block ``i``'s lr by ``layer_decay ** (depth - i)`` (ViTDet / BEiT)."""
 
@@ -114,7 +123,6 @@ class SolverConfig:
     gamma: float = bounded(0.1, gt=0)
     warmup_iters: int = bounded(1000, ge=0)
     warmup_factor: float = bounded(0.001, ge=0, le=1)
-    grad_clip: float | None = bounded(None, gt=0)
 
 
 @dataclass(frozen=True)
@@ -458,7 +466,7 @@ class DetectTask(engine.Task):
 
     def build(self) -> None:
         cfg, solver = self.cfg, self.cfg.solver
-        self.lr = solver.base_lr * self.steps.global_batch / solver.lr_batch_divisor
+        self.lr = solver.scaled_lr(self.steps.global_batch)
         num_classes = len(self.train_set.cat_ids)
         model = build_detector(
             self.backend, cfg.model, cfg.input, num_classes, cfg.init, world_size=self.ctx.world

@@ -42,7 +42,14 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from a2mim.config import ConfigError, ImageFolderData, RunConfig, bounded, from_dict
+from a2mim.config import (
+    ConfigError,
+    EpochWarmupCosine,
+    ImageFolderData,
+    RunConfig,
+    bounded,
+    from_dict,
+)
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from a2mim.train import checkpoint, engine
@@ -142,15 +149,13 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
-class FinetuneOptimConfig:
+class FinetuneOptimConfig(EpochWarmupCosine):
     """A timm optimizer (``opt``: lamb, adamw, sgd, ... any ``timm.optim.list_optimizers()``
     name) built by ``create_optimizer_v2`` (no weight decay on biases, norms and the model's
-    ``no_weight_decay()`` set; ``layer_decay`` gives timm's layer-wise lr decay groups).
-    ``lr = base_lr * global_batch / lr_batch_divisor``; warm-up then per-iteration cosine."""
+    ``no_weight_decay()`` set; ``layer_decay`` gives timm's layer-wise lr decay groups);
+    warm-up then per-iteration cosine."""
 
     opt: str = "lamb"
-    base_lr: float = bounded(1e-3, gt=0)
-    lr_batch_divisor: int = bounded(256, ge=1)
     weight_decay: float = bounded(0.02, ge=0)
     betas: tuple[float, float] | None = bounded(None, ge=0, lt=1)
     momentum: float = bounded(0.9, ge=0, le=1)
@@ -158,7 +163,6 @@ class FinetuneOptimConfig:
     warmup_epochs: float = bounded(5.0, ge=0)
     warmup_lr: float = bounded(1e-6, ge=0)
     min_lr: float = bounded(1e-6, ge=0)
-    grad_clip: float | None = bounded(None, gt=0)
 
 
 @dataclass(frozen=True)
@@ -353,6 +357,18 @@ class ClassifyTask(engine.Task):
             img_bchw = img_bchw.contiguous(memory_format=torch.channels_last)
         return img_bchw, target_b
 
+    def epoch_cosine(self):
+        """The warm-up + cosine scheduler of ``cfg.optim`` (an `EpochWarmupCosine`)."""
+        optim = self.cfg.optim
+        sched_cfg = OptimConfig(
+            warmup_epochs=optim.warmup_epochs,
+            warmup_lr=optim.warmup_lr,
+            min_lr=optim.min_lr,
+            schedule="cosine",
+        )
+        steps = self.steps
+        return build_scheduler(self.optimizer, sched_cfg, steps.total, steps.per_epoch)
+
     def eval_due(self, done: int) -> bool:
         epochs, rest = divmod(done, self.steps.per_epoch)
         return rest == 0 and epochs % self.cfg.eval_every_epochs == 0
@@ -401,20 +417,14 @@ class FinetuneTask(ClassifyTask):
 
     def build(self) -> None:
         cfg, steps, device = self.cfg, self.steps, self.ctx.device
-        self.lr = cfg.optim.base_lr * steps.global_batch / cfg.optim.lr_batch_divisor
+        self.lr = cfg.optim.scaled_lr(steps.global_batch)
         model, self.init_report = build_model(cfg, self.num_classes)
         model.to(device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.optimizer = build_optimizer(model, cfg.optim, self.lr)
-        sched_cfg = OptimConfig(
-            warmup_epochs=cfg.optim.warmup_epochs,
-            warmup_lr=cfg.optim.warmup_lr,
-            min_lr=cfg.optim.min_lr,
-            schedule="cosine",
-        )
-        self.scheduler = build_scheduler(self.optimizer, sched_cfg, steps.total, steps.per_epoch)
+        self.scheduler = self.epoch_cosine()
         self.ema = None
         if cfg.ema_decay:
             self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)

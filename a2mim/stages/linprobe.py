@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from a2mim.config import ImageFolderData, RunConfig, bounded, from_dict
+from a2mim.config import EpochWarmupCosine, ImageFolderData, RunConfig, bounded, from_dict
 from a2mim.data.transforms import pretrain_transform
 from a2mim.stages.finetune import ClassifyTask
 from a2mim.train import checkpoint, engine
@@ -39,7 +39,6 @@ from a2mim.train.classify import (
     create_classifier,
     load_encoder,
 )
-from a2mim.train.optim import OptimConfig, build_scheduler
 
 __all__ = [
     "DataConfig",
@@ -77,19 +76,13 @@ class DataConfig(ImageFolderData):
 
 
 @dataclass(frozen=True)
-class ProbeOptimConfig:
-    """SGD on the probe: ``lr = base_lr * global_batch / lr_batch_divisor``, optional linear
+class ProbeOptimConfig(EpochWarmupCosine):
+    """SGD on the probe (MoCo: base lr 30 per 256 images, no weight decay), optional linear
     warm-up, then per-iteration cosine to ``min_lr``."""
 
     base_lr: float = bounded(30.0, gt=0)
-    lr_batch_divisor: int = bounded(256, ge=1)
     momentum: float = bounded(0.9, ge=0, le=1)
     nesterov: bool = False
-    weight_decay: float = bounded(0.0, ge=0)
-    warmup_epochs: float = bounded(0.0, ge=0)
-    warmup_lr: float = bounded(0.0, ge=0)
-    min_lr: float = bounded(0.0, ge=0)
-    grad_clip: float | None = bounded(None, gt=0)
 
 
 @dataclass(frozen=True)
@@ -144,7 +137,7 @@ class LinprobeTask(ClassifyTask):
 
     def build(self) -> None:
         cfg, steps = self.cfg, self.steps
-        self.lr = cfg.optim.base_lr * steps.global_batch / cfg.optim.lr_batch_divisor
+        self.lr = cfg.optim.scaled_lr(steps.global_batch)
         self.probe, self.init_report = build_probe(cfg, self.num_classes)
         self.probe.to(self.ctx.device)
         if cfg.channels_last:
@@ -157,13 +150,7 @@ class LinprobeTask(ClassifyTask):
             nesterov=cfg.optim.nesterov,
             weight_decay=cfg.optim.weight_decay,
         )
-        sched_cfg = OptimConfig(
-            warmup_epochs=cfg.optim.warmup_epochs,
-            warmup_lr=cfg.optim.warmup_lr,
-            min_lr=cfg.optim.min_lr,
-            schedule="cosine",
-        )
-        self.scheduler = build_scheduler(self.optimizer, sched_cfg, steps.total, steps.per_epoch)
+        self.scheduler = self.epoch_cosine()
         transform = pretrain_transform(cfg.model.img_size, cfg.data.crop_scale, cfg.data.hflip)
         self.seeded = AugmentedDataset(self.train_set, transform, cfg.seed)
 

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
 
 from a2mim import atomic
-from a2mim.config import ConfigError, RunConfig, bounded, from_dict
+from a2mim.config import ConfigError, OptimBase, RunConfig, bounded, from_dict
 from a2mim.data.ade import ADE20KSegmentation
 from a2mim.data.seg_transforms import SegTrainTransform, eval_input
 from a2mim.models.upernet import (
@@ -150,7 +150,7 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
-class SegmentOptimConfig:
+class SegmentOptimConfig(OptimBase):
     """A timm optimizer (``create_optimizer_v2``) over `a2mim.models.upernet.param_groups`;
     ``lr = base_lr * global_batch / lr_batch_divisor`` (the divisor 16 keeps mmseg's absolute
     lr at batch 16). Warm-up: ``warmup_iters`` linear from ``lr * warmup_ratio``; then poly
@@ -167,7 +167,6 @@ class SegmentOptimConfig:
     warmup_ratio: float = bounded(1e-6, ge=0, le=1)
     power: float = bounded(1.0, gt=0)
     min_lr: float = bounded(0.0, ge=0)
-    grad_clip: float | None = bounded(None, gt=0)
 
 
 @dataclass(frozen=True)
@@ -479,7 +478,7 @@ class SegmentTask(engine.Task):
 
     def build(self) -> None:
         cfg, ctx = self.cfg, self.ctx
-        self.lr = cfg.optim.base_lr * self.steps.global_batch / cfg.optim.lr_batch_divisor
+        self.lr = cfg.optim.scaled_lr(self.steps.global_batch)
         model, self.init_report = build_model(cfg)
         if ctx.world > 1 and cfg.sync_bn and ctx.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
