@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from a2mim.config import ConfigError, RunConfig, bounded, from_dict
@@ -183,3 +184,19 @@ def test_a_finished_run_of_another_config_is_kept_even_without_its_checkpoint(tm
         engine.train(ToyTask(_cfg(seed=1)), out)
     assert (out / "resolved_config.yaml").read_text() == before
     engine.train(ToyTask(_cfg()), out)  # the same config again: its results stand
+
+
+def test_derived_values_are_saved_and_logged_as_mlflow_params(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    engine.train(ToyTask(_cfg(global_batch=8, track=True, tracking_uri=uri)), tmp_path / "run")
+    resolved = yaml.safe_load((tmp_path / "run" / "resolved_config.yaml").read_text())
+    derived = resolved["derived"]
+    assert (derived["accum_steps"], derived["global_batch"], derived["total_steps"]) == (2, 8, 12)
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    params = run.data.params
+    assert params["global_batch"] == "8" and params["derived.accum_steps"] == "2"
+    assert params["derived.lr"] == str(derived["lr"])
+    assert params["derived.total_steps"] == "12"
