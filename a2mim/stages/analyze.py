@@ -81,8 +81,9 @@ from a2mim.data.transforms import eval_transform
 from a2mim.mim import MaskedImageModel, MIMConfig
 from a2mim.tracking import RUN_ID_FILE
 from a2mim.train import checkpoint
-from a2mim.train.classify import create_classifier, file_sha256, load_classifier
+from a2mim.train.classify import load_classifier
 from a2mim.train.distributed import resolve_device
+from a2mim.train.encoder import create_classifier, file_sha256
 from a2mim.train.rundir import config_hash, open_run
 from a2mim.train.sampling import mix_seed
 

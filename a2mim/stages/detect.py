@@ -65,8 +65,9 @@ from a2mim.data.coco import CocoInstances, coco_evaluate, drop_crowd
 from a2mim.detection import DetectorSpec, Input, build_detector, resolve_backend
 from a2mim.detection.backbone import vit_layer_id
 from a2mim.train import checkpoint, engine
-from a2mim.train.classify import check_backbone, tracked_derived
+from a2mim.train.classify import tracked_derived
 from a2mim.train.distributed import broadcast_buffers, world_info
+from a2mim.train.encoder import check_backbone
 from a2mim.train.rundir import init_tags, require_init
 from a2mim.train.sampling import mix_seed
 

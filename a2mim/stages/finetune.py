@@ -56,14 +56,12 @@ from a2mim.train import checkpoint, engine
 from a2mim.train.classify import (
     AugmentedDataset,
     AugSampler,
-    check_backbone,
-    create_classifier,
     evaluate,
-    load_encoder,
     rng_scope,
     tracked_derived,
 )
 from a2mim.train.distributed import broadcast_buffers
+from a2mim.train.encoder import check_backbone, create_classifier, load_encoder
 from a2mim.train.optim import OptimConfig, build_scheduler, check_timm_optim
 from a2mim.train.rundir import init_tags, require_init
 from a2mim.train.sampling import mix_seed

@@ -30,8 +30,9 @@ from a2mim.config import ConfigError, ImageFolderData, bounded, from_dict
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import eval_transform
 from a2mim.train import engine
-from a2mim.train.classify import check_backbone, create_classifier, load_encoder, tracked_derived
+from a2mim.train.classify import tracked_derived
 from a2mim.train.distributed import resolve_device, world_info
+from a2mim.train.encoder import check_backbone, create_classifier, load_encoder
 from a2mim.train.rundir import config_hash, init_tags, open_run, require_init
 
 __all__ = [

@@ -32,13 +32,8 @@ from a2mim.config import EpochWarmupCosine, ImageFolderData, RunConfig, bounded,
 from a2mim.data.transforms import pretrain_transform
 from a2mim.stages.finetune import ClassifyTask
 from a2mim.train import checkpoint, engine
-from a2mim.train.classify import (
-    AugmentedDataset,
-    LinearProbe,
-    check_backbone,
-    create_classifier,
-    load_encoder,
-)
+from a2mim.train.classify import AugmentedDataset, LinearProbe
+from a2mim.train.encoder import check_backbone, create_classifier, load_encoder
 
 __all__ = [
     "DataConfig",

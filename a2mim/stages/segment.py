@@ -63,8 +63,9 @@ from a2mim.models.upernet import (
     whole_logits,
 )
 from a2mim.train import checkpoint, engine
-from a2mim.train.classify import check_backbone, tracked_derived
+from a2mim.train.classify import tracked_derived
 from a2mim.train.distributed import broadcast_buffers
+from a2mim.train.encoder import check_backbone
 from a2mim.train.optim import check_timm_optim
 from a2mim.train.rundir import init_tags, require_init
 from a2mim.train.sampling import mix_seed

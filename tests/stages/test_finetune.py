@@ -21,14 +21,8 @@ from a2mim.data.transforms import eval_transform
 from a2mim.mim import MaskedImageModel, get_preset
 from a2mim.stages import finetune, pretrain
 from a2mim.train import checkpoint
-from a2mim.train.classify import (
-    AugSampler,
-    create_classifier,
-    load_classifier,
-    load_encoder,
-    rng_scope,
-    topk_correct,
-)
+from a2mim.train.classify import AugSampler, load_classifier, rng_scope, topk_correct
+from a2mim.train.encoder import create_classifier, load_encoder
 from a2mim.train.optim import OptimConfig, build_scheduler
 from a2mim.train.rundir import init_tags
 from a2mim.train.sampling import EpochSampler
