@@ -14,6 +14,7 @@ from torch import nn
 from a2mim.config import ConfigError, RunConfig, bounded, from_dict
 from a2mim.train import checkpoint, engine, preemption
 from a2mim.train.optim import OptimConfig, build_scheduler
+from a2mim.train.rundir import read_run
 from a2mim.train.sampling import mix_seed
 
 
@@ -200,3 +201,7 @@ def test_derived_values_are_saved_and_logged_as_mlflow_params(tmp_path):
     assert params["global_batch"] == "8" and params["derived.accum_steps"] == "2"
     assert params["derived.lr"] == str(derived["lr"])
     assert params["derived.total_steps"] == "12"
+    record = read_run(tmp_path / "run")
+    assert (record.stage, record.finished, record.mlflow_run_id) == ("toy", True, run.info.run_id)
+    assert record.derived == derived and record.config["global_batch"] == 8
+    assert record.metrics == json.loads((tmp_path / "run" / "metrics.json").read_text())
