@@ -117,6 +117,15 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class TransferRunConfig(RunConfig):
+    """The run-control keys of a stage that starts from a checkpoint: ``init`` is the
+    ``encoder.pt`` of a pretrain run or the ``model.pt`` of a finetune run (a supervised
+    encoder); null trains from scratch (linprobe, knn: random features)."""
+
+    init: str | None = None
+
+
+@dataclass(frozen=True)
 class OptimBase:
     """The optimiser keys every stage shares. ``lr = base_lr * global_batch / lr_batch_divisor``
     (linear scaling, computed once by :meth:`scaled_lr` and saved with the run)."""
@@ -154,6 +163,15 @@ class ImageFolderData:
     @property
     def on_corrupt(self) -> Literal["skip", "error"]:
         return "skip" if self.skip_corrupt else "error"
+
+
+@dataclass(frozen=True)
+class CropFlipData(ImageFolderData):
+    """An ImageFolder dataset trained on random-resized crops (``crop_scale``: the area
+    fraction range) with an optional horizontal flip."""
+
+    crop_scale: tuple[float, float] = bounded((0.08, 1.0), gt=0, le=1)
+    hflip: bool = True
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
@@ -292,11 +310,13 @@ def _type_name(tp: Any) -> str:
 
 __all__ = [
     "ConfigError",
+    "CropFlipData",
     "EpochWarmupCosine",
     "ImageFolderData",
     "OptimBase",
     "Range",
     "RunConfig",
+    "TransferRunConfig",
     "bounded",
     "check_range",
     "check_ranges",

@@ -55,7 +55,7 @@ from a2mim.config import (
     ConfigError,
     OptimBase,
     Range,
-    RunConfig,
+    TransferRunConfig,
     bounded,
     check_ranges,
     from_dict,
@@ -127,13 +127,12 @@ class SolverConfig(OptimBase):
 
 
 @dataclass(frozen=True)
-class DetectConfig(RunConfig):
+class DetectConfig(TransferRunConfig):
     model: DetectorSpec = field(default_factory=DetectorSpec)
     input: Input = field(default_factory=Input)
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     backend: Literal["auto", "torchvision", "detectron2"] = "auto"
-    init: str | None = None  # pretrain encoder.pt / finetune model.pt; null: from scratch
     batch_size: int = bounded(16, ge=1)  # images per process and micro-step
     eval_every_steps: int | None = bounded(None, ge=1)  # null: evaluate at the end only
     ckpt_every_steps: int = bounded(1000, ge=1)

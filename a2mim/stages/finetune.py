@@ -46,7 +46,7 @@ from a2mim.config import (
     ConfigError,
     EpochWarmupCosine,
     ImageFolderData,
-    RunConfig,
+    TransferRunConfig,
     bounded,
     from_dict,
 )
@@ -164,13 +164,12 @@ class FinetuneOptimConfig(EpochWarmupCosine):
 
 
 @dataclass(frozen=True)
-class FinetuneConfig(RunConfig):
+class FinetuneConfig(TransferRunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mixup: MixupConfig = field(default_factory=MixupConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
-    init: str | None = None  # pretrain encoder.pt / finetune model.pt; null: from scratch
     epochs: int = bounded(100, ge=1)
     batch_size: int = bounded(256, ge=1)  # per process and micro-step
     channels_last: bool = False

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from a2mim.config import EpochWarmupCosine, ImageFolderData, RunConfig, bounded, from_dict
+from a2mim.config import CropFlipData, EpochWarmupCosine, TransferRunConfig, bounded, from_dict
 from a2mim.data.transforms import pretrain_transform
 from a2mim.stages.finetune import ClassifyTask
 from a2mim.train import checkpoint, engine
@@ -63,9 +63,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig(ImageFolderData):
-    crop_scale: tuple[float, float] = bounded((0.08, 1.0), gt=0, le=1)
-    hflip: bool = True
+class DataConfig(CropFlipData):
     test_crop_pct: float = bounded(0.875, gt=0, le=1)
     eval_batch_size: int | None = bounded(None, ge=1)
 
@@ -81,11 +79,10 @@ class ProbeOptimConfig(EpochWarmupCosine):
 
 
 @dataclass(frozen=True)
-class LinprobeConfig(RunConfig):
+class LinprobeConfig(TransferRunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: ProbeOptimConfig = field(default_factory=ProbeOptimConfig)
-    init: str | None = None  # pretrain encoder.pt / finetune model.pt; null: random features
     epochs: int = bounded(100, ge=1)
     batch_size: int = bounded(256, ge=1)  # per process
     channels_last: bool = False

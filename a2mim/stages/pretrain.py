@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from a2mim.analysis.reconstruction import reconstruction_panels, save_reconstruction_figure
-from a2mim.config import ConfigError, ImageFolderData, RunConfig, bounded, from_dict, to_dict
+from a2mim.config import ConfigError, CropFlipData, RunConfig, bounded, from_dict, to_dict
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import eval_transform, pretrain_transform
 from a2mim.mim import MaskedImageModel, MIMConfig, get_preset
@@ -46,9 +46,8 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig(ImageFolderData):
-    crop_scale: tuple[float, float] = bounded((0.67, 1.0), gt=0, le=1)
-    hflip: bool = True
+class DataConfig(CropFlipData):
+    crop_scale: tuple[float, float] = bounded((0.67, 1.0), gt=0, le=1)  # SimMIM / A2MIM
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
 
 from a2mim import atomic
-from a2mim.config import ConfigError, OptimBase, RunConfig, bounded, from_dict
+from a2mim.config import ConfigError, OptimBase, TransferRunConfig, bounded, from_dict
 from a2mim.data.ade import ADE20KSegmentation
 from a2mim.data.seg_transforms import SegTrainTransform, eval_input
 from a2mim.models.upernet import (
@@ -171,13 +171,12 @@ class SegmentOptimConfig(OptimBase):
 
 
 @dataclass(frozen=True)
-class SegmentConfig(RunConfig):
+class SegmentConfig(TransferRunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: SegmentOptimConfig = field(default_factory=SegmentOptimConfig)
-    init: str | None = None  # pretrain encoder.pt / finetune model.pt; null: from scratch
     iters: int = bounded(160_000, ge=1)
     batch_size: int = bounded(16, ge=1)  # per process and micro-step
     sync_bn: bool = True  # SyncBatchNorm across ranks (CUDA, world_size > 1), as mmseg

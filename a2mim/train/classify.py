@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from a2mim.train import checkpoint
 from a2mim.train.distributed import world_info
 from a2mim.train.encoder import create_classifier
-from a2mim.train.sampling import mix_seed
+from a2mim.train.sampling import EpochSampler, mix_seed
 
 __all__ = [
     "AugSampler",
@@ -57,7 +57,7 @@ def rng_scope(seed: int) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
-class AugSampler(Sampler[tuple[int, int, int]]):
+class AugSampler(EpochSampler):
     """Yields ``(epoch, copy, index)`` keys of one epoch, from position ``start``.
 
     The epoch's order is a permutation drawn from ``(seed, epoch)``; with ``repeats = R > 1``
@@ -80,9 +80,8 @@ class AugSampler(Sampler[tuple[int, int, int]]):
     ):
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
-        self.num_samples, self.seed, self.epoch, self.repeats = num_samples, seed, epoch, repeats
-        self.start, self.rank, self.world_size = start, rank, world_size
-        self.usable = num_samples if usable is None else usable
+        super().__init__(num_samples, seed, epoch, start, rank, world_size, usable)
+        self.repeats = repeats
 
     def keys(self) -> list[tuple[int, int, int]]:
         """This rank's keys of the whole epoch (``start`` not applied)."""
@@ -93,9 +92,6 @@ class AugSampler(Sampler[tuple[int, int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         yield from self.keys()[self.start :]
-
-    def __len__(self) -> int:
-        return max(0, self.usable // self.world_size - self.start)
 
 
 class AugmentedDataset(Dataset):
