@@ -7,6 +7,7 @@ import pytest
 from a2mim import recipes
 from a2mim.config import ConfigError, load_yaml
 from a2mim.stages import pretrain
+from a2mim.train import engine
 
 
 def test_resnet50_paper_recipes_ask_for_sync_bn():
@@ -18,7 +19,7 @@ def test_sync_bn_on_cpu_processes_is_a_config_error_before_any_output(monkeypatc
     cfg = pretrain.load_config(
         {"model": {"preset": "a2mim_resnet18"}, "sync_bn": True, "device": "cpu", "track": False}
     )
-    monkeypatch.setattr(pretrain, "world_info", lambda: (0, 2))
+    monkeypatch.setattr(engine, "world_info", lambda: (0, 2))
     with pytest.raises(ConfigError, match=r"sync_bn: SyncBatchNorm needs CUDA.*set sync_bn: false"):
         pretrain.run(cfg, tmp_path / "run")
     assert not any((tmp_path / "run").iterdir())
