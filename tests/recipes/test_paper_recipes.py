@@ -21,6 +21,7 @@ from a2mim.cli import _set_override
 from a2mim.config import load_yaml
 from a2mim.mim import get_preset
 from a2mim.stages import finetune, linprobe
+from a2mim.train.engine import accumulation
 from a2mim.workflow import Matrix
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,6 +42,11 @@ def resolved(stage: str, spec: dict):
 def test_paper_run_config_resolves(stage, name):
     cfg = resolved(stage, PAPER.runs(stage)[name])
     assert cfg.scale == "paper"
+    # The paper's global batch whatever the GPUs: set, and reachable on the run's resources.
+    res = PAPER.resources(stage, name)
+    world = int(res["nodes"]) * int(res["tasks_per_node"])
+    assert cfg.global_batch is not None
+    assert accumulation(cfg, world) * world * cfg.batch_size == cfg.global_batch
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from a2mim import recipes
 from a2mim.cli import _set_override
 from a2mim.config import load_yaml
 from a2mim.stages import pretrain
+from a2mim.train.engine import accumulation
 from a2mim.train.optim import build_scheduler, scaled_lr
 from a2mim.workflow import Matrix
 
@@ -40,11 +41,14 @@ def resolved(name: str) -> pretrain.PretrainConfig:
 
 
 def global_batch(name: str, cfg: pretrain.PretrainConfig) -> int:
-    """Images per optimizer step on the run's resources (processes x batch x accumulation)."""
-    if getattr(cfg, "global_batch", None):
-        return int(cfg.global_batch)
+    """The run's global batch (the recipe's ``global_batch``), checked to be reachable on the
+    GPUs paper.yaml gives the run (a whole number of micro-batches per step)."""
+    assert cfg.global_batch is not None, f"{name}: the recipe sets no global_batch"
     res = PAPER.resources("pretrain", name)
-    return cfg.batch_size * cfg.accum_steps * int(res["nodes"]) * int(res["tasks_per_node"])
+    world = int(res["nodes"]) * int(res["tasks_per_node"])
+    accum = accumulation(cfg, world)
+    assert accum * world * cfg.batch_size == cfg.global_batch
+    return int(cfg.global_batch)
 
 
 def lr_curve(cfg: pretrain.PretrainConfig, lr: float, epochs: list[int]) -> list[float]:
