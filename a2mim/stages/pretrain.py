@@ -35,7 +35,13 @@ from a2mim.mim.masking import fill_masked, upsample_mask
 from a2mim.stages.knn import KnnMonitor, KnnMonitorConfig
 from a2mim.train import checkpoint, engine
 from a2mim.train.distributed import local_rows
-from a2mim.train.optim import OptimConfig, build_optimizer, build_scheduler, scaled_lr
+from a2mim.train.optim import (
+    OptimConfig,
+    build_optimizer,
+    build_scheduler,
+    check_step_epochs,
+    scaled_lr,
+)
 from a2mim.train.sampling import SeededDataset, mix_seed
 
 LOSS_KEYS = ("loss", "loss_spatial", "loss_freq")
@@ -239,6 +245,7 @@ def _save_figure(model: MaskedImageModel, fig_batch, path: Path, cfg: PretrainCo
 def load_config(data: dict[str, Any], where: str = "config") -> PretrainConfig:
     cfg = from_dict(PretrainConfig, data, where)
     cfg.mim_config()  # validate the model overrides now, not mid-run
+    check_step_epochs(cfg.optim, cfg.epochs)  # a milestone the run never reaches
     return cfg
 
 

@@ -48,6 +48,22 @@ def build_optimizer(param_groups: list[dict], cfg: OptimConfig, lr: float) -> to
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
+def check_step_epochs(cfg: OptimConfig, epochs: float) -> None:
+    """A ``ConfigError`` naming the fix when a step milestone is not inside the run's epochs
+    (the lr would never decay there: an 800-epoch step recipe run for 300 epochs)."""
+    if cfg.schedule != "step":
+        return
+    late = [e for e in cfg.step_epochs if not 0 < e < epochs]
+    if late:
+        raise ConfigError(
+            f"optim.step_epochs {list(cfg.step_epochs)}: milestone(s) {late} are not inside the "
+            f"{epochs:g} training epochs, so the lr would never decay there; set "
+            f"optim.step_epochs to epochs in (0, {epochs:g}) (e.g. --set "
+            f"'optim.step_epochs=[{max(1, int(epochs * 7 / 8))}]', the reference's 700/800) or use "
+            f"optim.schedule: cosine"
+        )
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, steps_per_epoch: int
 ) -> Scheduler:
@@ -77,16 +93,7 @@ def build_scheduler(
             warmup_prefix=True,
             t_in_epochs=False,
         )
-    epochs = total_steps / steps_per_epoch
-    late = [e for e in cfg.step_epochs if not 0 < e < epochs]
-    if late:
-        raise ConfigError(
-            f"optim.step_epochs {list(cfg.step_epochs)}: milestone(s) {late} are not inside the "
-            f"{epochs:g} training epochs, so the lr would never decay there; set "
-            f"optim.step_epochs to epochs in (0, {epochs:g}) (e.g. --set "
-            f"'optim.step_epochs=[{max(1, int(epochs * 7 / 8))}]', the reference's 700/800) or use "
-            f"optim.schedule: cosine"
-        )
+    check_step_epochs(cfg, total_steps / steps_per_epoch)
     return MultiStepLRScheduler(
         optimizer,
         # timm applies milestone m at step m - 1 (it compares t + 1): +1 puts the decay on the

@@ -1,4 +1,5 @@
-"""``sync_bn`` (the reference ResNet-50 pre-training's SyncBN) refuses CPU/gloo clearly."""
+"""Pre-training settings of the paper recipes: sync_bn (the reference ResNet-50 SyncBN) refuses
+CPU/gloo clearly; a step milestone the run never reaches is refused when the config loads."""
 
 from __future__ import annotations
 
@@ -23,3 +24,10 @@ def test_sync_bn_on_cpu_processes_is_a_config_error_before_any_output(monkeypatc
     with pytest.raises(ConfigError, match=r"sync_bn: SyncBatchNorm needs CUDA.*set sync_bn: false"):
         pretrain.run(cfg, tmp_path / "run")
     assert not any((tmp_path / "run").iterdir())
+
+
+def test_step_recipe_run_past_its_milestone_is_refused_at_load():
+    # The 800-epoch step recipe run for 300 epochs (the old Table 2 ViT-S run): never decays.
+    data = load_yaml(recipes.resolve("pretrain", "vit_small_800ep"))
+    with pytest.raises(ConfigError, match=r"never decay.*optim.schedule: cosine"):
+        pretrain.load_config({**data, "epochs": 300})
