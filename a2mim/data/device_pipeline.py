@@ -31,6 +31,7 @@ antialiased bicubic kernels of PIL and torch differ slightly), flip and normalis
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ __all__ = [
     "normalize_uint8",
     "sample_crop_boxes",
 ]
+
+log = logging.getLogger(__name__)
 
 Pipeline = Literal["pil", "device"]
 _JPEG_MAGIC = (0xFF, 0xD8, 0xFF)
@@ -124,6 +127,8 @@ class EncodedImages(Dataset):
     """An :class:`ImageFolderDataset` whose items are the files' bytes, not decoded images.
 
     ``__getitem__(i)`` returns ``(bytes_n uint8 tensor, target, i)``; workers only read files.
+    A key ``(epoch, i)`` (as :class:`a2mim.train.sampling.EpochSampler` yields) reads sample
+    ``i``; the epoch plays no part, since the augmentation happens later, per batch.
     """
 
     def __init__(self, images: ImageFolderDataset) -> None:
@@ -132,7 +137,8 @@ class EncodedImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int, int]:
+        index = key[1] if isinstance(key, tuple) else key
         path, target = self.images.samples[index]
         with open(path, "rb") as handle:
             data = handle.read()
@@ -166,14 +172,23 @@ def _decode_other(data_n: Tensor) -> Tensor:
 
 
 def decode_batch(
-    data: Sequence[Tensor], device: torch.device | str, paths: Sequence[str] = ()
+    data: Sequence[Tensor],
+    device: torch.device | str,
+    paths: Sequence[str] = (),
+    on_corrupt: Literal["error", "skip"] = "error",
 ) -> list[Tensor]:
     """Decode encoded images to uint8 RGB ``(3, H_i, W_i)`` tensors on ``device``.
 
     JPEGs go through one batched ``decode_jpeg`` on ``device``; other formats through
     ``decode_image`` on the CPU. A file that fails raises :class:`CorruptImageError` naming it
-    (``paths[i]`` if given).
+    (``paths[i]`` if given); with ``on_corrupt="skip"`` it is replaced by the next readable
+    image of the batch (wrapping around) and named in a logged warning.
     """
+    if on_corrupt == "skip":
+        try:
+            return decode_batch(data, device, paths)
+        except CorruptImageError:
+            return _decode_skipping(data, torch.device(device), paths)
     device = torch.device(device)
     out: list[Tensor | None] = [None] * len(data)
     jpeg_at = [i for i, d in enumerate(data) if _is_jpeg(d)]
@@ -205,6 +220,26 @@ def decode_batch(
             except RuntimeError as err:
                 raise fail(i, err) from err
     return out  # type: ignore[return-value]
+
+
+def _decode_skipping(
+    data: Sequence[Tensor], device: torch.device, paths: Sequence[str]
+) -> list[Tensor]:
+    good: dict[int, Tensor] = {}
+    for i, d in enumerate(data):
+        try:
+            good[i] = decode_batch([d], device, [paths[i]] if i < len(paths) else ())[0]
+        except CorruptImageError as err:
+            log.warning("device pipeline: skipping a corrupt image (data.skip_corrupt): %s", err)
+    if not good:
+        raise CorruptImageError(
+            f"every image of a batch of {len(data)} is corrupt or unreadable; replace them",
+            paths=list(paths),
+        )
+    order = sorted(good)
+    return [
+        good.get(i, good[next((j for j in order if j > i), order[0])]) for i in range(len(data))
+    ]
 
 
 def sample_crop_boxes(
@@ -286,6 +321,8 @@ class DeviceAugment:
         recipe: the crop / flip / erasing settings.
         device: where decoding and the pixel work run (``"cuda"`` on a GPU; ``"cpu"`` works).
         mean, std: normalisation.
+        on_corrupt: ``"skip"`` replaces a file that fails to decode by another image of the
+            batch, with a warning naming it (stage configs: ``data.skip_corrupt``).
 
     ``__call__(data, generator, paths=())`` takes the encoded bytes of a batch and a CPU
     generator (crop boxes, flips and erasing draws come from it, so a seeded generator gives the
@@ -298,8 +335,10 @@ class DeviceAugment:
         device: torch.device | str = "cpu",
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        on_corrupt: Literal["error", "skip"] = "error",
     ) -> None:
         self.recipe = recipe
+        self.on_corrupt = on_corrupt
         self.device = torch.device(device)
         self.mean, self.std = tuple(mean), tuple(std)
         self._erase = None
@@ -340,7 +379,7 @@ class DeviceAugment:
         generator: torch.Generator | None = None,
         paths: Sequence[str] = (),
     ) -> Tensor:
-        images = decode_batch(data, self.device, paths)
+        images = decode_batch(data, self.device, paths, self.on_corrupt)
         img_bchw = normalize_uint8(self.crops(images, generator), self.mean, self.std)
         if self._erase is not None:
             img_bchw = self._random_erase(img_bchw, generator)

@@ -226,3 +226,22 @@ def test_unsupported_finetune_augmentations_are_refused(kwargs, match) -> None:
 def test_bad_recipe(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         CropRecipe(**kwargs)
+
+
+def test_skip_replaces_a_corrupt_file_and_names_it(caplog: pytest.LogCaptureFixture) -> None:
+    a, b = encoded(rgb_array(8, 8, seed=1)), encoded(rgb_array(8, 8, seed=2))
+    broken = b[: len(b) // 3]
+    with caplog.at_level("WARNING", logger="a2mim.data.device_pipeline"):
+        out = decode_batch([a, broken, b], "cpu", ["/d/a.jpg", "/d/x.jpg", "/d/b.jpg"], "skip")
+    assert torch.equal(out[1], out[2])  # the next readable image of the batch
+    assert "/d/x.jpg" in caplog.text
+    with pytest.raises(CorruptImageError, match="every image"):
+        decode_batch([broken], "cpu", ["/d/x.jpg"], "skip")
+
+
+def test_encoded_images_accept_epoch_keys(tmp_path: Path) -> None:
+    (tmp_path / "r" / "train" / "a").mkdir(parents=True)
+    Image.fromarray(rgb_array(8, 8)).save(tmp_path / "r" / "train" / "a" / "0.jpg")
+    encoded_set = EncodedImages(ImageFolderDataset(tmp_path / "r", "train"))
+    data, target, index = encoded_set[(3, 0)]
+    assert torch.equal(data, encoded_set[0][0]) and (target, index) == (0, 0)
