@@ -127,8 +127,8 @@ class EncodedImages(Dataset):
     """An :class:`ImageFolderDataset` whose items are the files' bytes, not decoded images.
 
     ``__getitem__(i)`` returns ``(bytes_n uint8 tensor, target, i)``; workers only read files.
-    A key ``(epoch, i)`` (as :class:`a2mim.train.sampling.EpochSampler` yields) reads sample
-    ``i``; the epoch plays no part, since the augmentation happens later, per batch.
+    A key ``(epoch, i)`` or ``(epoch, copy, i)`` (what the stages' samplers yield) reads sample
+    ``i``; the rest plays no part, since the augmentation happens later, per batch.
     """
 
     def __init__(self, images: ImageFolderDataset) -> None:
@@ -137,8 +137,8 @@ class EncodedImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int, int]:
-        index = key[1] if isinstance(key, tuple) else key
+    def __getitem__(self, key: int | tuple[int, ...]) -> tuple[Tensor, int, int]:
+        index = key[-1] if isinstance(key, tuple) else key
         path, target = self.images.samples[index]
         with open(path, "rb") as handle:
             data = handle.read()

@@ -245,3 +245,4 @@ def test_encoded_images_accept_epoch_keys(tmp_path: Path) -> None:
     encoded_set = EncodedImages(ImageFolderDataset(tmp_path / "r", "train"))
     data, target, index = encoded_set[(3, 0)]
     assert torch.equal(data, encoded_set[0][0]) and (target, index) == (0, 0)
+    assert torch.equal(encoded_set[(3, 1, 0)][0], data)  # finetune's (epoch, copy, index)
