@@ -24,6 +24,9 @@ silently training with other augmentations. The mask (49 booleans per image at 2
 by the stage's seeded generator and the RGB-mean fill happens inside the model's forward, i.e.
 already on the device.
 
+torchvision 0.29 marks its image decoders deprecated (in favour of TorchCodec, not installed
+here); they work, and the warning they raise on every call is silenced in this module.
+
 How much the device path differs from PIL: decode identical (CPU), crop boxes from the same
 distribution (not the same draws: another random stream), resize within a few grey levels (the
 antialiased bicubic kernels of PIL and torch differ slightly), flip and normalisation identical.
@@ -33,7 +36,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -155,13 +160,21 @@ def collate_encoded(
     return data, targets, indices
 
 
+@contextmanager
+def _quiet_decoders() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
+        yield
+
+
 def _is_jpeg(data_n: Tensor) -> bool:
     return len(data_n) >= 3 and tuple(data_n[:3].tolist()) == _JPEG_MAGIC
 
 
 def _decode_other(data_n: Tensor) -> Tensor:
     """A non-JPEG file (PNG, ...) on the CPU as uint8 ``(3, H, W)``; 16-bit scaled to 8 bits."""
-    img_chw = decode_image(data_n, mode=ImageReadMode.UNCHANGED)
+    with _quiet_decoders():
+        img_chw = decode_image(data_n, mode=ImageReadMode.UNCHANGED)
     if img_chw.dtype != torch.uint8:  # 16-bit PNG: round(v / 257) as imagefolder.to_rgb
         img_chw = torch.round(img_chw.double() / 257.0).to(torch.uint8)
     if img_chw.shape[0] in (2, 4):  # drop alpha
@@ -203,14 +216,19 @@ def decode_batch(
 
     if jpeg_at:
         try:
-            decoded = decode_jpeg([data[i] for i in jpeg_at], mode=ImageReadMode.RGB, device=device)
+            with _quiet_decoders():
+                decoded = decode_jpeg(
+                    [data[i] for i in jpeg_at], mode=ImageReadMode.RGB, device=device
+                )
         except RuntimeError:  # find the culprit one by one (rare path)
             decoded = []
             for i in jpeg_at:
                 try:
-                    decoded.append(decode_jpeg(data[i], mode=ImageReadMode.RGB, device=device))
+                    with _quiet_decoders():
+                        img_chw = decode_jpeg(data[i], mode=ImageReadMode.RGB, device=device)
                 except RuntimeError as err:
                     raise fail(i, err) from err
+                decoded.append(img_chw)
         for i, img_chw in zip(jpeg_at, decoded, strict=True):
             out[i] = img_chw
     for i, d in enumerate(data):
