@@ -11,7 +11,8 @@ one run and interleaved (every round times every variant once, in alternating or
   ``pil`` (DataLoader workers decode with PIL and run the reference transform; pinned memory,
   ``non_blocking`` copies, persistent workers) and ``device`` (workers only read the files'
   bytes; :class:`a2mim.data.device_pipeline.DeviceAugment` decodes with nvJPEG and crops on the
-  GPU);
+  GPU); both through :class:`a2mim.data.device_pipeline.DevicePrefetcher`, which prepares the
+  next batch on a side CUDA stream while the current step runs;
 * ``data_<path>``: each data path alone (no step), in img/s, beside the machine's CPU count.
 
 It prints img/s for each, (b)/(a), (c)/(b) per data path, and the model FLOP utilisation
@@ -45,7 +46,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from a2mim.data.device_pipeline import CropRecipe, DeviceAugment, EncodedImages, collate_encoded
+from a2mim.data.device_pipeline import (
+    CropRecipe,
+    DeviceAugment,
+    DevicePrefetcher,
+    EncodedImages,
+    collate_encoded,
+)
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import pretrain_transform
 from a2mim.mim import MaskedImageModel, get_preset
@@ -138,6 +145,9 @@ class Bench:
         self.raw_batches = endless(DataLoader(encoded, collate_fn=collate_encoded, **common))
         self.augment = DeviceAugment(CropRecipe(s, scale=scale), device)
         self.aug_gen = torch.Generator().manual_seed(2)
+        # both paths prepare batch k + 1 (copy / decode + crop) on a side stream during step k
+        self.pil_ready = iter(DevicePrefetcher(self.pil_batches, self._copy_pil, device))
+        self.device_ready = iter(DevicePrefetcher(self.raw_batches, self._augment, device))
 
     def _fused(self) -> bool | None:
         return True if self.device.type == "cuda" else None
@@ -162,16 +172,22 @@ class Bench:
         loss.backward()
         self.opt_mim.step()
 
+    def _format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def _copy_pil(self, batch) -> torch.Tensor:
+        img = batch[0].to(self.device, non_blocking=True)  # pinned by the DataLoader
+        return img.contiguous(memory_format=self._format())
+
+    def _augment(self, batch) -> torch.Tensor:
+        img = self.augment(batch[0], self.aug_gen)
+        return img.contiguous(memory_format=self._format())
+
     def next_pil(self) -> torch.Tensor:
-        img, _ = next(self.pil_batches)
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return img.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+        return next(self.pil_ready)
 
     def next_device(self) -> torch.Tensor:
-        data, _, _ = next(self.raw_batches)
-        img = self.augment(data, self.aug_gen)
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return img.contiguous(memory_format=fmt)
+        return next(self.device_ready)
 
     def variants(self) -> dict[str, Callable[[], None]]:
         return {

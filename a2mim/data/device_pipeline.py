@@ -37,10 +37,10 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -54,6 +54,7 @@ from a2mim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 __all__ = [
     "CropRecipe",
     "DeviceAugment",
+    "DevicePrefetcher",
     "EncodedImages",
     "check_supported",
     "collate_encoded",
@@ -417,3 +418,61 @@ class DeviceAugment:
         finally:
             random.setstate(state)
         return img_bchw
+
+
+class DevicePrefetcher:
+    """Iterates ``prepare(item)`` for the items of ``items``, preparing item ``k + 1`` while the
+    caller works on item ``k``: on CUDA on a side stream (the training stream waits for it
+    through an event), so decoding and cropping the next batch overlap the current step; on
+    the CPU simply in order.
+
+    Args:
+        items: e.g. a DataLoader iterator of encoded batches.
+        prepare: item -> tensor or tuple / list / dict of tensors on ``device``.
+        device: the training device.
+    """
+
+    def __init__(
+        self, items: Iterable[Any], prepare: Callable[[Any], Any], device: torch.device | str
+    ) -> None:
+        self.items, self.prepare, self.device = items, prepare, torch.device(device)
+
+    def __iter__(self) -> Iterator[Any]:
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        source = iter(self.items)
+
+        def launch() -> tuple[Any, Any] | None:
+            try:
+                item = next(source)
+            except StopIteration:
+                return None
+            if stream is None:
+                return self.prepare(item), None
+            with torch.cuda.stream(stream):
+                out = self.prepare(item)
+                done = torch.cuda.Event()
+                done.record(stream)
+            return out, done
+
+        upcoming = launch()
+        while upcoming is not None:
+            out, done = upcoming
+            upcoming = launch()  # the next batch's work is queued before this one is used
+            if done is not None:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(done)
+                for tensor in _tensors(out):  # memory made on the side stream, used here
+                    tensor.record_stream(current)
+            yield out
+
+
+def _tensors(out: Any) -> Iterator[Tensor]:
+    if isinstance(out, Tensor):
+        yield out
+    elif isinstance(out, list | tuple):
+        for part in out:
+            yield from _tensors(part)
+    elif isinstance(out, dict):
+        for part in out.values():
+            yield from _tensors(part)

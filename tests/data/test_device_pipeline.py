@@ -246,3 +246,20 @@ def test_encoded_images_accept_epoch_keys(tmp_path: Path) -> None:
     data, target, index = encoded_set[(3, 0)]
     assert torch.equal(data, encoded_set[0][0]) and (target, index) == (0, 0)
     assert torch.equal(encoded_set[(3, 1, 0)][0], data)  # finetune's (epoch, copy, index)
+
+
+def test_prefetcher_prepares_one_batch_ahead_in_order() -> None:
+    from a2mim.data.device_pipeline import DevicePrefetcher
+
+    calls: list[str] = []
+
+    def prepare(item: int) -> torch.Tensor:
+        calls.append(f"prepare {item}")
+        return torch.full((2,), item)
+
+    got = []
+    for out in DevicePrefetcher(range(3), prepare, "cpu"):
+        calls.append(f"use {int(out[0])}")
+        got.append(out.tolist())
+    assert got == [[0, 0], [1, 1], [2, 2]]
+    assert calls == ["prepare 0", "prepare 1", "use 0", "prepare 2", "use 1", "use 2"]
