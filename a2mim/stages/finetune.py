@@ -335,6 +335,7 @@ class ClassifyTask(engine.Task):
     `AugSampler` order, top-1/top-5 evaluation every ``eval_every_epochs`` epochs."""
 
     repeats = 1
+    augment: DeviceAugment | None = None  # data.pipeline: device (fine-tuning only)
 
     def test_size(self) -> int:
         return self.cfg.model.img_size
