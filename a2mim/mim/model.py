@@ -52,6 +52,10 @@ class MIMConfig:
     token_init: TokenInit = "trunc_normal"
     token_gamma: float | None = 1e-6
     token_lr_scale: float = 1.0
+    # Where the ResNet gamma goes in the optimizer: "token" (no weight decay, lr x
+    # token_lr_scale: the reference 100-epoch config) or "decay" (the ordinary group: weight decay
+    # and lr x1, as the reference 300-epoch config leaves it).
+    gamma_group: Literal["token", "decay"] = "token"
     spatial_loss: SpatialLossKind = "l1"
     freq_weight: float = 0.5
     freq_alpha: float = 1.0
@@ -171,8 +175,9 @@ class MaskedImageModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: no decay on norms, biases, pos/cls embeddings, the token and gamma; the
-        token and gamma get ``lr_scale = token_lr_scale`` (0.1 for the reference ResNet)."""
+        """AdamW groups: no decay on norms, biases, pos/cls embeddings and the token; the token
+        gets ``lr_scale = token_lr_scale`` (0.1 for the reference ResNet). The gamma joins the
+        token's group (``gamma_group: token``) or the decayed one (``gamma_group: decay``)."""
         no_decay = {f"encoder.{n}" for n in self.adapter.no_weight_decay()}
         groups = {
             "decay": {"params": [], "weight_decay": weight_decay, "lr_scale": 1.0},
@@ -182,7 +187,9 @@ class MaskedImageModel(nn.Module):
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            if name.startswith("token."):
+            if name == "token.gamma" and self.cfg.gamma_group == "decay":
+                key = "decay"
+            elif name.startswith("token."):
                 key = "token"
             elif name in no_decay or param.ndim <= 1:
                 key = "no_decay"

@@ -14,6 +14,22 @@ from a2mim.mim.model import MIMConfig
 # Reference "ViT-S" (OpenMixup mim_vit small arch): 768-d, 8 blocks, 8 heads, MLP x3, 48.8M
 # parameters; timm's vit_small_patch16_224 is DeiT-S (384-d, 12 blocks, 6 heads).
 REFERENCE_VIT_SMALL = {"embed_dim": 768, "depth": 8, "num_heads": 8, "mlp_ratio": 3.0}
+DEIT_SMALL = {"embed_dim": 384, "depth": 12, "num_heads": 6, "mlp_ratio": 4.0}
+
+# The reference ViT (OpenMixup SimMIMViT with use_window=True, init_values=0.1, drop_path_rate
+# 0.1): timm's BEiT family (a2mim/backbones/beit.py) with LayerScale 0.1, a relative position
+# bias per block over the patch grid, the absolute position embedding as well, qkv bias, drop
+# path 0.1 and a final LayerNorm (global_pool "token": `norm`, not `fc_norm`). ViT-B geometry is
+# beit_base_patch16_224's own (768-d, 12 blocks, 12 heads, MLP x4).
+REFERENCE_VIT = "beit_base_patch16_224"
+REFERENCE_VIT_KWARGS = {
+    "use_abs_pos_emb": True,
+    "use_rel_pos_bias": True,
+    "init_values": 0.1,
+    "qkv_bias": True,
+    "drop_path_rate": 0.1,
+    "global_pool": "token",
+}
 
 _RESNET50_A2MIM = MIMConfig(
     backbone="resnet50",
@@ -34,8 +50,8 @@ _RESNET50_A2MIM = MIMConfig(
 )
 
 _VIT_A2MIM = MIMConfig(
-    backbone="vit_small_patch16_224",
-    backbone_kwargs=REFERENCE_VIT_SMALL,
+    backbone=REFERENCE_VIT,
+    backbone_kwargs={**REFERENCE_VIT_KWARGS, **REFERENCE_VIT_SMALL},
     img_size=224,
     mask_patch_size=32,
     mask_ratio=0.6,
@@ -50,6 +66,19 @@ _VIT_A2MIM = MIMConfig(
     freq_eps=0.0,
     freq_batch=256,
 )
+_VIT_B_A2MIM = dataclasses.replace(
+    _VIT_A2MIM, backbone_kwargs=dict(REFERENCE_VIT_KWARGS), freq_batch=128
+)
+_DEIT_S_A2MIM = dataclasses.replace(
+    _VIT_A2MIM, backbone_kwargs={**REFERENCE_VIT_KWARGS, **DEIT_SMALL}
+)
+
+
+def _plain(cfg: MIMConfig, timm_name: str, geometry: dict) -> MIMConfig:
+    """``cfg`` on timm's plain ViT (no LayerScale, no relative position bias), same geometry."""
+    return dataclasses.replace(
+        cfg, backbone=timm_name, backbone_kwargs={**geometry, "drop_path_rate": 0.1}
+    )
 
 
 def _simmim(cfg: MIMConfig, fill: str) -> MIMConfig:
@@ -73,38 +102,60 @@ PRESETS: dict[str, tuple[MIMConfig, str]] = {
     ),
     "a2mim_vit_small": (
         _VIT_A2MIM,
-        "reference IN-1K ViT-S: 768-d/8-block geometry, token at layer 0, L1, lambda 0.1 "
-        "(paper text: DeiT-S geometry, layer 5, lambda 0.5)",
+        "reference IN-1K ViT-S: the reference ViT (BEiT-style: LayerScale 0.1, relative "
+        "position bias + absolute position embedding) at 768-d/8 blocks, token at layer 0, L1, "
+        "lambda 0.1 (paper text: DeiT-S geometry, layer 5, lambda 0.5)",
     ),
     "a2mim_deit_small": (
-        dataclasses.replace(_VIT_A2MIM, backbone_kwargs={}),
-        "a2mim_vit_small on timm's DeiT-S geometry (384-d, 12 blocks), as the paper's Table 2",
+        _DEIT_S_A2MIM,
+        "a2mim_vit_small on DeiT-S geometry (384-d, 12 blocks, 6 heads), as the paper's Table 2 "
+        "and the reference IN-100 config",
     ),
     "a2mim_vit_base": (
-        dataclasses.replace(
-            _VIT_A2MIM, backbone="vit_base_patch16_224", backbone_kwargs={}, freq_batch=128
-        ),
-        "reference IN-1K ViT-B: token at layer 0, L1, lambda 0.1, 128 images per GPU "
-        "(paper text: layer 8, lambda 0.5)",
+        _VIT_B_A2MIM,
+        "reference IN-1K ViT-B (the reference ViT at ViT-B/16): token at layer 0, L1, lambda 0.1, "
+        "128 images per GPU (paper text: layer 8, lambda 0.5)",
     ),
     "simmim_resnet50": (
+        _simmim(_RESNET50_A2MIM, fill="none"),
+        "SimMIM ResNet-50 as the reference config: input untouched (mask_color 'zero' leaves the "
+        "pixels), token replaces the stem output, L1",
+    ),
+    "simmim_resnet50_meanfill": (
         _simmim(_RESNET50_A2MIM, fill="mean"),
-        "the paper's SimMIM+ for CNNs: RGB-mean input fill, token replaces the stem output, L1",
+        "the paper's SimMIM+ 'modified for CNNs': simmim_resnet50 with RGB-mean input fill",
     ),
     "simmim_vit_small": (
         _simmim(_VIT_A2MIM, fill="none"),
-        "SimMIM: input untouched, token replaces patch embeddings, L1 (reference ViT-S geometry)",
+        "SimMIM: input untouched, token replaces patch embeddings, L1 (reference ViT-S)",
+    ),
+    "simmim_deit_small": (
+        _simmim(_DEIT_S_A2MIM, fill="none"),
+        "simmim_vit_small on DeiT-S geometry (the reference ViT)",
     ),
     "simmim_vit_base": (
-        _simmim(
-            dataclasses.replace(
-                _VIT_A2MIM, backbone="vit_base_patch16_224", backbone_kwargs={}, freq_batch=128
-            ),
-            fill="none",
-        ),
-        "SimMIM ViT-B: input untouched, token replaces patch embeddings, L1",
+        _simmim(_VIT_B_A2MIM, fill="none"),
+        "SimMIM ViT-B (the reference ViT): input untouched, token replaces patch embeddings, L1",
     ),
 }
+
+# Named alternatives on timm's plain ViT (VisionTransformer: no LayerScale, no relative position
+# bias; drop path 0.1 as the reference): same method, different encoder.
+for _name in ("a2mim_vit_small", "simmim_vit_small"):
+    PRESETS[f"{_name}_plain"] = (
+        _plain(PRESETS[_name][0], "vit_small_patch16_224", REFERENCE_VIT_SMALL),
+        f"{_name} on timm's plain ViT (no LayerScale / relative position bias)",
+    )
+for _name in ("a2mim_deit_small", "simmim_deit_small"):
+    PRESETS[f"{_name}_plain"] = (
+        _plain(PRESETS[_name][0], "vit_small_patch16_224", {}),
+        f"{_name} on timm's plain DeiT-S (no LayerScale / relative position bias)",
+    )
+for _name in ("a2mim_vit_base", "simmim_vit_base"):
+    PRESETS[f"{_name}_plain"] = (
+        _plain(PRESETS[_name][0], "vit_base_patch16_224", {}),
+        f"{_name} on timm's plain ViT-B/16 (no LayerScale / relative position bias)",
+    )
 
 # CPU-sized variants: same method, small network, 32 px inputs (Fashion-MNIST upsampled), 8 px
 # mask cells (a 4x4 grid, 10 of 16 cells masked).
@@ -112,7 +163,7 @@ _CPU = {"img_size": 32, "mask_patch_size": 8, "freq_batch": 256}
 _RESNET18 = dataclasses.replace(_RESNET50_A2MIM, backbone="resnet18", token_point="stage2", **_CPU)
 _VIT_TINY = dataclasses.replace(
     _VIT_A2MIM,
-    backbone="vit_tiny_patch16_224",
+    backbone="vit_tiny_patch16_224",  # timm's plain ViT: the CPU scale keeps it small
     backbone_kwargs={"patch_size": 4, "depth": 6},
     token_point="layer0",
     **_CPU,
@@ -124,7 +175,10 @@ PRESETS.update(
             "a2mim_resnet50 on resnet18 at 32 px; token at stage-2 (stride 8, the stride of one "
             "8 px mask cell)",
         ),
-        "simmim_resnet18": (_simmim(_RESNET18, fill="mean"), "simmim_resnet50 on resnet18, 32 px"),
+        "simmim_resnet18": (
+            _simmim(_RESNET18, fill="mean"),
+            "simmim_resnet50_meanfill (the paper's SimMIM+) on resnet18, 32 px",
+        ),
         "a2mim_vit_tiny": (
             _VIT_TINY,
             "a2mim_vit_small on a 6-block ViT-Tiny with 4 px patches at 32 px (8x8 tokens)",

@@ -9,9 +9,13 @@ bit-identical to an uninterrupted run.
 
 Under torchrun / Submitit (``world_size`` processes, ``batch_size`` each) a run sees the same
 images, augmentations and masks as one process with ``batch_size * world_size``: masks are drawn
-for the global micro-batch and sliced per rank. What stays per rank, as in the reference code
-(no SyncBN): BatchNorm batch statistics, the frequency loss's focal weights (normalised over each
-rank's batch) and drop path draws. The logged losses are the mean over ranks; rank 0 alone writes.
+for the global micro-batch and sliced per rank. What stays per rank: the frequency loss's focal
+weights (normalised over each rank's batch, as in the reference code), drop path draws and, unless
+``sync_bn`` is set, BatchNorm batch statistics (the reference ResNet-50 configs use SyncBN:
+``sync_bn: true`` converts BatchNorm to ``SyncBatchNorm`` when several CUDA processes train; it
+is a ``ConfigError`` on CPU/gloo, where SyncBatchNorm cannot run, and changes nothing in a single
+process, where it computes exactly BatchNorm). The logged losses are the mean over ranks; rank 0
+alone writes.
 """
 
 from __future__ import annotations
@@ -38,7 +42,13 @@ from a2mim.mim.masking import fill_masked, upsample_mask
 from a2mim.stages.knn import KnnMonitor, KnnMonitorConfig
 from a2mim.train import checkpoint, engine
 from a2mim.train.distributed import local_rows
-from a2mim.train.optim import OptimConfig, build_optimizer, build_scheduler, scaled_lr
+from a2mim.train.optim import (
+    OptimConfig,
+    build_optimizer,
+    build_scheduler,
+    check_step_epochs,
+    scaled_lr,
+)
 from a2mim.train.sampling import SeededDataset, mix_seed
 
 LOSS_KEYS = ("loss", "loss_spatial", "loss_freq")
@@ -67,6 +77,7 @@ class PretrainConfig(RunConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
     epochs: int = bounded(100, ge=1)
     channels_last: bool = False
+    sync_bn: bool = False  # BatchNorm -> SyncBatchNorm across processes (CUDA/NCCL only)
     figure_every_epochs: int = bounded(1, ge=1)
     figure_images: int = bounded(8, ge=1)
     knn: KnnMonitorConfig | None = None  # k-NN accuracy of the encoder every N epochs
@@ -88,6 +99,12 @@ class PretrainTask(engine.Task):
 
     def prepare(self, accum_steps: int) -> engine.Steps:
         cfg, world = self.cfg, self.ctx.world
+        if cfg.sync_bn and world > 1 and self.ctx.device.type != "cuda":
+            raise ConfigError(
+                f"sync_bn: SyncBatchNorm needs CUDA processes (NCCL); this run has {world} "
+                f"processes on {self.ctx.device.type}: set sync_bn: false (per-process "
+                f"BatchNorm) or run on GPUs"
+            )
         self.mim_cfg = cfg.mim_config()
         self.dataset = ImageFolderDataset(
             cfg.data.root, cfg.data.split, on_corrupt=cfg.data.on_corrupt
@@ -104,6 +121,8 @@ class PretrainTask(engine.Task):
         self.model = MaskedImageModel(self.mim_cfg).to(self.ctx.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if cfg.sync_bn and self.ctx.world > 1:  # CUDA only (checked in prepare); in place
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         groups = self.model.param_groups(cfg.optim.weight_decay)
         self.optimizer = build_optimizer(groups, cfg.optim, self.lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, steps.total, steps.per_epoch)
@@ -257,6 +276,7 @@ def _save_figure(model: MaskedImageModel, fig_batch, path: Path, cfg: PretrainCo
 def load_config(data: dict[str, Any], where: str = "config") -> PretrainConfig:
     cfg = from_dict(PretrainConfig, data, where)
     cfg.mim_config()  # validate the model overrides now, not mid-run
+    check_step_epochs(cfg.optim, cfg.epochs)  # a milestone the run never reaches
     return cfg
 
 

@@ -48,10 +48,40 @@ def build_optimizer(param_groups: list[dict], cfg: OptimConfig, lr: float) -> to
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
+def check_step_epochs(cfg: OptimConfig, epochs: float) -> None:
+    """A ``ConfigError`` naming the fix when a step milestone is not inside the run's epochs
+    (the lr would never decay there: an 800-epoch step recipe run for 300 epochs)."""
+    if cfg.schedule != "step":
+        return
+    late = [e for e in cfg.step_epochs if not 0 < e < epochs]
+    if late:
+        raise ConfigError(
+            f"optim.step_epochs {list(cfg.step_epochs)}: milestone(s) {late} are not inside the "
+            f"{epochs:g} training epochs, so the lr would never decay there; set "
+            f"optim.step_epochs to epochs in (0, {epochs:g}) (e.g. --set "
+            f"'optim.step_epochs=[{max(1, int(epochs * 7 / 8))}]', the reference's 700/800) or use "
+            f"optim.schedule: cosine"
+        )
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, steps_per_epoch: int
 ) -> Scheduler:
-    """A timm scheduler stepped per iteration with ``step_update(step)``; honours ``lr_scale``."""
+    """A timm scheduler stepped per iteration with ``step_update(step)``; honours ``lr_scale``.
+
+    The lr at iteration ``t`` follows the reference configs' mmcv hooks:
+
+    * ``cosine`` (OpenMixup ``StepFixCosineAnnealing``, per iteration): linear warm-up from
+      ``warmup_lr`` to the peak over the warm-up iterations ``W``, then
+      ``min_lr + (peak - min_lr) * (1 + cos(pi * (t - W) / (T - W))) / 2`` (the warm-up is a
+      prefix: the cosine runs over the ``T - W`` iterations after it).
+    * ``step`` (mmcv ``step`` policy, by epoch, warm-up per iteration): linear warm-up, then
+      ``peak * step_gamma ** (number of step_epochs <= epoch)``; the warm-up is *not* a prefix,
+      so the step lands exactly on the first iteration of the milestone epoch (timm's default
+      ``warmup_prefix=True`` would shift it by the warm-up, and timm applies a milestone one
+      iteration early). A milestone at or past the last epoch would never decay
+      the lr: that is a ``ConfigError``.
+    """
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if cfg.schedule == "cosine":
         return CosineLRScheduler(
@@ -63,12 +93,16 @@ def build_scheduler(
             warmup_prefix=True,
             t_in_epochs=False,
         )
+    check_step_epochs(cfg, total_steps / steps_per_epoch)
     return MultiStepLRScheduler(
         optimizer,
-        decay_t=[e * steps_per_epoch for e in cfg.step_epochs],
+        # timm applies milestone m at step m - 1 (it compares t + 1): +1 puts the decay on the
+        # first iteration of the milestone epoch, where mmcv's by-epoch step puts it.
+        decay_t=[e * steps_per_epoch + 1 for e in cfg.step_epochs],
         decay_rate=cfg.step_gamma,
         warmup_t=warmup,
         warmup_lr_init=cfg.warmup_lr,
+        warmup_prefix=False,
         t_in_epochs=False,
     )
 

@@ -18,6 +18,7 @@ BACKBONES = [
     ("resnet50", {}),
     ("vit_tiny_patch16_224", {}),
     ("vit_small_patch16_224", {}),
+    ("beit_base_patch16_224", {"use_abs_pos_emb": True, "global_pool": "token", "depth": 4}),
     ("convnext_atto", {}),
     ("swin_tiny_patch4_window7_224", {"window_size": 4}),
 ]

@@ -155,3 +155,44 @@ def test_presets_follow_their_stated_sources():
     with pytest.raises(KeyError, match="available"):
         get_preset("a2mim_resnet51")
     assert dataclasses.replace(r50, token_point="layer5").token_point == "layer5"
+
+
+def test_gamma_group_decay_puts_gamma_in_the_decayed_group():
+    cfg = dataclasses.replace(get_preset("a2mim_resnet18"), gamma_group="decay")
+    model = MaskedImageModel(cfg)
+    groups = {g["name"]: g for g in model.param_groups(0.05)}
+    assert {id(p) for p in groups["token"]["params"]} == {id(model.token.token)}
+    assert id(model.token.gamma) in {id(p) for p in groups["decay"]["params"]}
+    assert groups["decay"]["weight_decay"] == 0.05 and groups["decay"]["lr_scale"] == 1.0
+
+
+def test_decoder_init_is_trunc_normal_002_bias_zero():
+    torch.manual_seed(0)
+    proj = MaskedImageModel(get_preset("a2mim_resnet18")).decoder.proj
+    assert torch.equal(proj.bias, torch.zeros_like(proj.bias))
+    w = proj.weight.detach()
+    assert w.abs().max() <= 2.0  # trunc_normal_ bounds (-2, 2)
+    assert 0.018 < float(w.std()) < 0.022  # 512 x 48 draws of std 0.02 (PyTorch default: 0.025)
+
+
+def test_reference_vit_preset_is_the_reference_architecture():
+    from timm.models.beit import Beit
+
+    for name, depth, dim in (("a2mim_vit_small", 8, 768), ("a2mim_vit_base", 12, 768)):
+        enc = MaskedImageModel(get_preset(name)).encoder
+        assert isinstance(enc, Beit) and len(enc.blocks) == depth and enc.embed_dim == dim
+        assert enc.pos_embed is not None and enc.pos_embed.shape == (1, 197, dim)  # absolute
+        assert enc.rel_pos_bias is None  # per block, not shared
+        blk = enc.blocks[-1]
+        assert blk.attn.relative_position_bias_table.shape[0] == 27 * 27 + 3  # 14x14 window
+        assert torch.equal(blk.gamma_1, torch.full_like(blk.gamma_1, 0.1))  # LayerScale 0.1
+        assert blk.attn.q_bias is not None and blk.attn.v_bias is not None  # qkv bias
+        assert blk.drop_path1.drop_prob == pytest.approx(0.1)  # drop path 0.1 (last block)
+        assert isinstance(enc.norm, torch.nn.LayerNorm) and enc.norm.eps == 1e-6  # final norm
+    assert get_preset("a2mim_vit_base_plain").backbone == "vit_base_patch16_224"
+
+
+def test_simmim_resnet50_follows_the_reference_and_meanfill_is_the_papers_variant():
+    assert get_preset("simmim_resnet50").fill == "none"
+    assert get_preset("simmim_resnet50_meanfill").fill == "mean"
+    assert get_preset("simmim_resnet50").token_point == "first"

@@ -39,7 +39,12 @@ def test_paper_dry_run_with_slurm_profile_plans_every_job() -> None:
     assert all("--cluster slurm" in line for line in launches)
     training = [line for line in launches if "-- pretrain" in line or "-- finetune" in line]
     assert all("--gpus-per-node 8" in line and "--tasks-per-node 8" in line for line in training)
-    assert all("--gpus-per-node 4" in line for line in launches if "-- segment" in line)
+    # Segmentation resources match each recipe's per-GPU batch: R50 4 x 4, ViT-B 8 x 2.
+    segment = [line for line in launches if "-- segment" in line]
+    assert all(
+        ("--gpus-per-node 8" if "upernet_vitb" in line else "--gpus-per-node 4") in line
+        for line in segment
+    )
     # Upstream checkpoints travel through the DAG.
     ft = next(line for line in launches if "-- finetune" in line and "a2mim_r50_300ep_a2" in line)
     assert "--init results/paper/runs/pretrain/a2mim_r50_300ep/encoder.pt" in ft
