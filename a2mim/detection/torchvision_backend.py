@@ -7,7 +7,8 @@ RoIAlign 14x14 on the stride-16 map, with the encoder's own last stage (+ global
 as the box head and the same stage as the mask head's trunk. torchvision's
 ``GeneralizedRCNNTransform`` resizes (short side drawn from ``min_size_train`` with the global
 torch generator, so a caller that seeds it per step gets reproducible sizes), normalises with
-the ImageNet mean/std the encoders were pretrained with and pads to a multiple of 32.
+the ImageNet mean/std the encoders were pretrained with and pads to a multiple of 32 (``fpn``,
+``sfp``) or to the batch maximum only (``c4``, as detectron2's ResNet backbones).
 
 Differences from detectron2 with the same spec: torchvision's RoIAlign is the legacy
 ``aligned=False`` one (detectron2's ``ROIAlignV2`` is aligned), its box-regression losses are
@@ -16,7 +17,8 @@ the float tensor (detectron2's data pipeline with PIL on uint8).
 
 ``forward(images, targets)`` returns the loss dict in training mode; in eval mode it returns, per
 image, ``{"boxes": (N, 4) xyxy, "scores": (N,), "labels": (N,) in 1..K, "masks": (N, H, W)
-bool}`` at the input image's size.
+bool}`` at the input image's size, boxes and scores in float32 whatever the autocast (bf16
+scores tie, and COCOeval ranks ties arbitrarily).
 """
 
 from __future__ import annotations
@@ -194,6 +196,8 @@ class TorchvisionMaskRCNN(nn.Module):
             box_detections_per_img=spec.detections_per_image,
             **heads,
         )
+        if spec.arch == "c4":
+            self.net.transform.size_divisible = 1  # pad to the batch maximum only
         self._set_sizes(training=True)
 
     def _set_sizes(self, training: bool) -> None:
@@ -221,8 +225,8 @@ class TorchvisionMaskRCNN(nn.Module):
         outputs = self.net(images)
         return [
             {
-                "boxes": out["boxes"],
-                "scores": out["scores"],
+                "boxes": out["boxes"].float(),
+                "scores": out["scores"].float(),
                 "labels": out["labels"],
                 "masks": out["masks"][:, 0] > 0.5,
             }

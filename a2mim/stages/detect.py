@@ -27,8 +27,20 @@ state: restarting the same command resumes from ``checkpoint.pt`` (model, optimi
 scaler, step) and, on the CPU in deterministic mode, ends with the weights of an uninterrupted
 run.
 
+Data: ``data.root`` is a COCO 2017 folder (``annotations/instances_{train,val}2017.json``,
+``train2017/``, ``val2017/``; `a2mim.data.coco.validate_root` checks it before anything is
+built). Training boxes are clipped to the image and empty ones dropped, as detectron2's loader
+does; ``derived.empty_boxes`` counts them. ``sync_bn`` synchronises BatchNorm across CUDA
+processes; on the CPU (gloo cannot) each process keeps plain BatchNorm, with a warning
+(``derived.norm``). ``precise_bn_iters`` > 0 recomputes BatchNorm statistics before each
+evaluation (MoCo's ``TEST.PRECISE_BN``). Evaluation runs in float32 whatever ``amp`` is.
+``deterministic`` null (default) means deterministic kernels on the CPU and fast ones on CUDA
+(torchvision's deterministic RoIAlign fallback is slow there); ``derived.deterministic``
+records the choice.
+
 The run directory holds ``resolved_config.yaml`` (``derived``: backend, lr, steps, classes, the
-init report), ``checkpoint.pt``, ``model.pt`` (detector weights + ``meta``; `load_detector`),
+init report), ``detectron2_config.yaml`` (detectron2 backend: the network and solver in
+detectron2's own terms), ``checkpoint.pt``, ``model.pt`` (detector weights + ``meta``; `load_detector`),
 ``metrics.jsonl`` (train lines per logged step, eval lines) and ``metrics.json`` (written last):
 ``ap_box``, ``ap50_box``, ``ap75_box``, ``ap_mask``, ``ap50_mask``, ``ap75_mask``,
 ``final_loss`` and ``backend``.
@@ -41,6 +53,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,9 +68,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from a2mim import atomic
 from a2mim.config import ConfigError, from_dict, to_dict
-from a2mim.data.coco import CocoInstances, coco_evaluate, drop_crowd
+from a2mim.data.coco import (
+    CocoInstances,
+    clip_boxes,
+    coco_evaluate,
+    count_empty_boxes,
+    drop_crowd,
+    validate_root,
+)
 from a2mim.detection import DetectorSpec, Input, build_detector, resolve_backend
 from a2mim.detection.backbone import vit_layer_id
+from a2mim.detection.precise_bn import update_bn_stats
 from a2mim.stages.rundir import config_hash, init_tags, open_run, require_init
 from a2mim.train import checkpoint, steplog
 from a2mim.train.classify import check_backbone, tracked_derived
@@ -76,6 +97,7 @@ __all__ = [
     "run",
 ]
 
+log_ = logging.getLogger(__name__)
 Target = dict[str, Any]
 METRIC_NAMES = {"AP": "ap", "AP50": "ap50", "AP75": "ap75"}
 IOU_SUFFIX = {"bbox": "box", "segm": "mask"}
@@ -132,8 +154,9 @@ class DetectConfig:
     batch_size: int = 16  # images per process and step
     amp: Literal["none", "bf16", "fp16"] = "none"
     seed: int = 0
-    deterministic: bool = True
+    deterministic: bool | None = None  # null: true on the CPU, false on CUDA (fast RoIAlign)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precise_bn_iters: int = 0  # > 0: MoCo's precise BN (200) before each evaluation
     eval_every_steps: int | None = None  # null: evaluate at the end only
     ckpt_every_steps: int = 1000
     log_every_steps: int = 20
@@ -175,6 +198,8 @@ def load_config(data: dict[str, Any], where: str = "config") -> DetectConfig:
         raise ConfigError(f"{where}: solver.steps must increase and be >= 1, got {solver.steps}")
     if solver.max_iter < 0 or solver.warmup_iters < 0:
         raise ConfigError(f"{where}: solver.max_iter and warmup_iters must be >= 0")
+    if cfg.precise_bn_iters < 0:
+        raise ConfigError(f"{where}: precise_bn_iters must be >= 0, got {cfg.precise_bn_iters}")
     for name in ("batch_size", "ckpt_every_steps", "log_every_steps"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{where}: {name} must be >= 1, got {getattr(cfg, name)}")
@@ -200,7 +225,7 @@ class FlippedInstances(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, Target]:
         epoch, i = key
         img_chw, target = self.dataset[self.indices[i]]
-        target = drop_crowd(target)
+        target, _ = clip_boxes(drop_crowd(target), *img_chw.shape[-2:])  # as detectron2
         gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, i))
         if float(torch.rand(1, generator=gen)) < self.p:
             img_chw, target = hflip(img_chw, target)
@@ -208,11 +233,23 @@ class FlippedInstances(Dataset):
 
 
 def hflip(img_chw: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
-    """Mirror an image and its boxes (``x1, y1, x2, y2``) and masks left-right."""
+    """Mirror an image and its boxes (``x1, y1, x2, y2``), masks and polygons left-right."""
     width = img_chw.shape[-1]
     boxes = target["boxes"].clone()
     boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
-    return img_chw.flip(-1), {**target, "boxes": boxes, "masks": target["masks"].flip(-1)}
+    out = {**target, "boxes": boxes, "masks": target["masks"].flip(-1)}
+    if target.get("polygons") is not None:
+        out["polygons"] = [
+            None if polys is None else [_flip_x(p, width) for p in polys]
+            for polys in target["polygons"]
+        ]
+    return img_chw.flip(-1), out
+
+
+def _flip_x(polygon: np.ndarray, width: int) -> np.ndarray:
+    flipped = polygon.copy()
+    flipped[0::2] = width - polygon[0::2]
+    return flipped
 
 
 def _collate(items: list[tuple[torch.Tensor, Target]]) -> tuple[list, list]:
@@ -394,9 +431,13 @@ def _vit_depth(model: nn.Module) -> int | None:
     return None
 
 
-def _open_datasets(cfg: DetectConfig) -> tuple[CocoInstances, CocoInstances]:
-    root = Path(cfg.data.root)
-    train = CocoInstances(root / cfg.data.train_ann, root / cfg.data.train_images)
+def _open_datasets(
+    cfg: DetectConfig, with_polygons: bool = False
+) -> tuple[CocoInstances, CocoInstances]:
+    d = cfg.data
+    root = Path(d.root)
+    validate_root(root, d.train_ann, d.train_images, d.val_ann, d.val_images)
+    train = CocoInstances(root / d.train_ann, root / d.train_images, with_polygons=with_polygons)
     val = CocoInstances(root / cfg.data.val_ann, root / cfg.data.val_images)
     if train.cat_ids != val.cat_ids:
         raise ValueError(
@@ -419,12 +460,34 @@ def run(
     rank, world = world_info()
     backend = resolve_backend(cfg.backend)
     device = resolve_device(cfg.device)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    deterministic = device.type == "cpu" if cfg.deterministic is None else cfg.deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=device.type == "cuda")
+    if deterministic:
         torch.backends.cudnn.benchmark = False
     require_init(cfg.init)
-    train_set, val_set = _open_datasets(cfg)
+    train_set, val_set = _open_datasets(cfg, with_polygons=backend == "detectron2")
     train_idx = trainable_indices(train_set, cfg.data.filter_empty)
+    empty = count_empty_boxes(
+        train_set.coco, [train_set.ids[i] for i in train_idx], train_set.skipped_ann_ids
+    )
+    if empty["empty_boxes"] and rank == 0:
+        log_.warning(
+            "%s: %d of %d training boxes are empty after clipping to the image (width or "
+            "height <= 1e-5, in %d images) and are dropped, as detectron2's loader does",
+            cfg.data.train_ann,
+            empty["empty_boxes"],
+            empty["annotations"],
+            empty["images_affected"],
+        )
+    norm_world = world if device.type == "cuda" else 1
+    norm = cfg.model.norm if cfg.model.norm != "sync_bn" or norm_world > 1 else "bn"
+    if cfg.model.norm == "sync_bn" and world > 1 and device.type != "cuda" and rank == 0:
+        log_.warning(
+            "model.norm sync_bn: SyncBatchNorm needs CUDA; on the CPU each of the %d processes "
+            "normalises over its own %d images (plain BatchNorm)",
+            world,
+            cfg.batch_size,
+        )
     global_batch = cfg.batch_size * world
     steps_per_epoch = len(train_idx) // global_batch
     if steps_per_epoch == 0:
@@ -438,7 +501,7 @@ def run(
 
     torch.manual_seed(cfg.seed)
     model = build_detector(
-        backend, cfg.model, cfg.input, len(train_set.cat_ids), cfg.init, world_size=world
+        backend, cfg.model, cfg.input, len(train_set.cat_ids), cfg.init, world_size=norm_world
     )
     model.to(device)
     vit_depth = _vit_depth(model)
@@ -467,6 +530,10 @@ def run(
         "classes": list(train_set.class_names),
         "num_params": sum(p.numel() for p in model.parameters()),  # shared C4 res5 once
         "init": init_report,
+        "empty_boxes": empty,
+        "norm": norm if norm == cfg.model.norm else f"{norm} ({cfg.model.norm} needs CUDA)",
+        "deterministic": deterministic,
+        "eval_precision": "fp32",
         # the hash covers the resolved backend: "auto" must not resume under another library
         "config_hash": config_hash(dataclasses.replace(cfg, backend=backend)),
     }
@@ -484,6 +551,10 @@ def run(
     with tracker:
         if rank == 0:
             tracker.log_artifact(out / "resolved_config.yaml")
+            if backend == "detectron2":
+                d2_cfg = out / "detectron2_config.yaml"
+                atomic.write_text(d2_cfg, model.config_yaml(_solver_summary(cfg, lr, world)))
+                tracker.log_artifact(d2_cfg)
         step = 0
         if state is not None:
             model.load_state_dict(state["model"])
@@ -511,14 +582,12 @@ def run(
             checkpoint.atomic_save(ckpt, ckpt_path)
 
         def run_eval(step_done: int) -> dict[str, float]:
+            if cfg.precise_bn_iters and step_done > 0:
+                _precise_bn(train_model, model, flipped, cfg, step_done, device, amp_dtype)
             broadcast_buffers(model)  # every rank evaluates with rank 0's BatchNorm statistics
+            # float32: bf16 scores take ~20 distinct values per 100 and COCOeval ranks ties
             row = evaluate_detector(
-                model,
-                val_set,
-                device,
-                cfg.data.eval_batch_size,
-                cfg.data.val_limit,
-                amp_dtype,
+                model, val_set, device, cfg.data.eval_batch_size, cfg.data.val_limit
             )
             log.record(step_done, row)
             return row
@@ -605,6 +674,55 @@ def run(
             atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2))
             tracker.log_artifact(out / "metrics.json")
         return metrics
+
+
+def _solver_summary(cfg: DetectConfig, lr: float, world: int) -> dict[str, Any]:
+    """The solver as `Detectron2MaskRCNN.config_yaml` records it."""
+    return {
+        **to_dict(cfg.solver),
+        "lr": lr,
+        "ims_per_batch": cfg.batch_size * world,
+        "amp": cfg.amp,
+        "precise_bn_iters": cfg.precise_bn_iters,
+    }
+
+
+def _precise_bn(
+    train_model: nn.Module,
+    model: nn.Module,
+    flipped: FlippedInstances,
+    cfg: DetectConfig,
+    step_done: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> None:
+    """MoCo's precise BN: BatchNorm statistics recomputed over ``cfg.precise_bn_iters``
+    training batches (a fixed draw per evaluation step) with the current weights."""
+    rank, world = world_info()
+    seed = mix_seed(cfg.seed, 2, step_done)
+    usable = (len(flipped) // (cfg.batch_size * world)) * cfg.batch_size * world
+    sampler = EpochSampler(len(flipped), seed, 0, rank=rank, world_size=world, usable=usable)
+    loader = DataLoader(
+        flipped,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        collate_fn=_collate,
+        drop_last=True,
+    )
+    torch.manual_seed(mix_seed(seed, rank))  # resize draws, RPN / RoI sampling
+
+    def forward(batch: tuple[list, list]) -> None:
+        images, targets = batch
+        images = [img.to(device) for img in images]
+        targets = [{k: _to(v, device) for k, v in t.items()} for t in targets]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            train_model(images, targets)
+
+    batches = (
+        b for _ in range(math.ceil(cfg.precise_bn_iters / max(len(loader), 1))) for b in loader
+    )
+    update_bn_stats(model, batches, cfg.precise_bn_iters, forward)
 
 
 def _train_step(

@@ -54,7 +54,7 @@ def scene_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _dataset(scene_root: Path, mask_format: str) -> CocoInstances:
     root = scene_root / mask_format / "coco"
-    return CocoInstances(root / "annotations" / "instances_train.json", root / "train")
+    return CocoInstances(root / "annotations" / "instances_train2017.json", root / "train2017")
 
 
 def _naive_uncompressed_rle(mask_hw: np.ndarray) -> list[int]:
@@ -128,7 +128,7 @@ def test_masks_equal_pasted_silhouettes(scene_root: Path) -> None:
     for index in range(N_TRAIN):
         scene = composer.compose(scene_rng(SEED, "train", index))
         png_hwc = np.asarray(
-            Image.open(scene_root / "rle" / "coco" / "train" / f"{index + 1:06d}.png")
+            Image.open(scene_root / "rle" / "coco" / "train2017" / f"{index + 1:06d}.png")
         )
         np.testing.assert_array_equal(png_hwc, scene.image_hwc)
         union_hw = scene.masks_nhw.any(axis=0)
@@ -162,7 +162,7 @@ def test_segmentation_to_mask_polygon_and_rle_forms() -> None:
 
 def test_uncompressed_rle_and_crowd(scene_root: Path, tmp_path: Path) -> None:
     source = scene_root / "rle" / "coco"
-    data = json.loads((source / "annotations" / "instances_train.json").read_text())
+    data = json.loads((source / "annotations" / "instances_train2017.json").read_text())
     reference = _dataset(scene_root, "rle")
     ann = data["annotations"][0]
     crowd_mask_hw = reference.load_target(ann["image_id"])["masks"][0].numpy()
@@ -173,7 +173,7 @@ def test_uncompressed_rle_and_crowd(scene_root: Path, tmp_path: Path) -> None:
     ann["iscrowd"] = 1
     ann_file = tmp_path / "crowd.json"
     ann_file.write_text(json.dumps(data))
-    dataset = CocoInstances(ann_file, source / "train")
+    dataset = CocoInstances(ann_file, source / "train2017")
     _, target = dataset[dataset.ids.index(ann["image_id"])]
     np.testing.assert_array_equal(target["masks"][0].numpy(), crowd_mask_hw)
     assert target["iscrowd"][0] == 1
@@ -187,14 +187,14 @@ def test_uncompressed_rle_and_crowd(scene_root: Path, tmp_path: Path) -> None:
 
 def test_degenerate_polygons_are_dropped(scene_root: Path, tmp_path: Path) -> None:
     source = scene_root / "polygon" / "coco"
-    data = json.loads((source / "annotations" / "instances_train.json").read_text())
+    data = json.loads((source / "annotations" / "instances_train2017.json").read_text())
     reference = _dataset(scene_root, "polygon")
     first, second = data["annotations"][0], data["annotations"][1]
     first["segmentation"].append([1.0, 2.0, 3.0, 4.0])  # 2 points: a line, not a polygon
     second["segmentation"] = [[5.0, 5.0, 9.0, 9.0]]
     ann_file = _write(tmp_path / "degenerate.json", data)
     with pytest.warns(UserWarning, match=r"1 annotation\(s\) have only degenerate"):
-        dataset = CocoInstances(ann_file, source / "train")
+        dataset = CocoInstances(ann_file, source / "train2017")
     assert dataset.skipped_ann_ids == [second["id"]]
     _, target = dataset[dataset.ids.index(first["image_id"])]
     _, expected = reference[reference.ids.index(first["image_id"])]
@@ -211,8 +211,10 @@ def test_transforms_are_applied(scene_root: Path) -> None:
     def flip(img_chw: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
         return img_chw.flip(-1), {**target, "masks": target["masks"].flip(-1)}
 
-    plain = CocoInstances(root / "annotations" / "instances_train.json", root / "train")
-    flipped = CocoInstances(root / "annotations" / "instances_train.json", root / "train", flip)
+    plain = CocoInstances(root / "annotations" / "instances_train2017.json", root / "train2017")
+    flipped = CocoInstances(
+        root / "annotations" / "instances_train2017.json", root / "train2017", flip
+    )
     assert torch.equal(flipped[0][0], plain[0][0].flip(-1))
     assert torch.equal(flipped[0][1]["masks"], plain[0][1]["masks"].flip(-1))
 
@@ -255,8 +257,8 @@ def test_real_labelme_annotations() -> None:
 def _copy_set(scene_root: Path, tmp_path: Path) -> tuple[Path, Path, dict]:
     source = scene_root / "polygon" / "coco"
     image_root = tmp_path / "images"
-    shutil.copytree(source / "train", image_root)
-    data = json.loads((source / "annotations" / "instances_train.json").read_text())
+    shutil.copytree(source / "train2017", image_root)
+    data = json.loads((source / "annotations" / "instances_train2017.json").read_text())
     return tmp_path / "instances.json", image_root, data
 
 

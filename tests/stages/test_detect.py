@@ -80,11 +80,7 @@ def _cfg(root, **over) -> dict:
             "max_size_test": 96,
         },
         "data": {
-            "root": str(root),
-            "train_ann": "coco/annotations/instances_train.json",
-            "train_images": "coco/train",
-            "val_ann": "coco/annotations/instances_val.json",
-            "val_images": "coco/val",
+            "root": str(root / "coco"),  # a COCO 2017 layout: no path keys
             "val_limit": 3,
         },
         "solver": {
@@ -317,7 +313,7 @@ class _Oracle(torch.nn.Module):
 
 
 def test_evaluate_detector_with_an_oracle(scenes):
-    val = CocoInstances(scenes / "coco/annotations/instances_val.json", scenes / "coco/val")
+    val = CocoInstances(scenes / "coco/annotations/instances_val2017.json", scenes / "coco/val2017")
     oracle = _Oracle(val)
     full = detect.evaluate_detector(oracle, val, torch.device("cpu"), batch_size=4)
     for key in ("ap_box", "ap50_box", "ap75_box", "ap_mask", "ap50_mask", "ap75_mask"):
@@ -382,7 +378,7 @@ def test_run_writes_metrics_and_model(scenes, tmp_path):
     torch.testing.assert_close(body.bn1.running_var, weights["bn1.running_var"])
     assert meta["backend"] == "torchvision" and meta["init"] == str(path)
     # the reloaded model reproduces the run's evaluation
-    val = CocoInstances(scenes / "coco/annotations/instances_val.json", scenes / "coco/val")
+    val = CocoInstances(scenes / "coco/annotations/instances_val2017.json", scenes / "coco/val2017")
     again = detect.evaluate_detector(model, val, torch.device("cpu"), limit=3)
     assert {k: again[k] for k in keys} == pytest.approx({k: metrics[k] for k in keys})
 
@@ -445,7 +441,7 @@ def test_tiny_recipe_beats_untrained(tmp_path):
     make_scenes(root, n_train=400, n_val=100, img_size=128, seed=0)
     data = yaml.safe_load(recipes.resolve("detect", "tiny").read_text())
     data.update(progress=False, track=False)
-    data["data"]["root"] = str(root)
+    data["data"]["root"] = str(root / "coco")
     trained = detect.run(detect.load_config(data), tmp_path / "trained")
     data["solver"]["max_iter"] = 0
     untrained = detect.run(detect.load_config(data), tmp_path / "untrained")
