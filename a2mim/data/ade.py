@@ -198,7 +198,12 @@ def _check_values(
     rule = _convention(reduce_zero, num_classes, ignore_index)
     if reduce_zero:
         bad = values[values > num_classes]
-        if bad.size and set(bad.tolist()) == {ignore_index} and values.max(initial=0) < num_classes:
+        classes = values[values != ignore_index]
+        if (
+            bad.size
+            and set(bad.tolist()) == {ignore_index}
+            and classes.max(initial=0) < num_classes
+        ):
             hint = (
                 f"the file holds {ignore_index} and classes below {num_classes}: it looks like "
                 f"the 0..K-1 + void convention; set data.reduce_zero_label: false"

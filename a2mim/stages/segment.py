@@ -52,7 +52,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJac
 
 from a2mim import atomic
 from a2mim.config import ConfigError, from_dict
-from a2mim.data.ade import ADE20KSegmentation
+from a2mim.data.ade import ADE20KSegmentation, validate_root
 from a2mim.data.seg_transforms import SegTrainTransform, eval_input
 from a2mim.models.upernet import (
     UperNetSegmenter,
@@ -117,8 +117,11 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     """An ADE20K-layout folder (`a2mim.data.ade`) and mmseg's pipeline (`a2mim.data.seg_transforms`;
-    ``img_scale`` is ``(long, short)``, also the test size). ``reduce_zero_label``: raw 0 is
-    ignored and 1..K become 0..K-1 (ADE20K; the toy scenes too, with ``num_classes: 11``)."""
+    ``img_scale`` is ``(long, short)``, also the test size). The label convention is explicit
+    and checked against a sample of the label files before training (`a2mim.data.ade.validate_root`):
+    ``reduce_zero_label: true`` (ADE20K; the toy scenes too, with ``num_classes: 11``): raw 0 is
+    ignored and 1..K are the classes; ``false``: raw 0..K-1 are the classes and ``ignore_index``
+    is void. ``num_classes`` is K."""
 
     root: str = "data/ade20k/ADEChallengeData2016"
     split: str = "training"
@@ -205,7 +208,11 @@ def load_config(data: dict[str, Any], where: str = "config") -> SegmentConfig:
     cfg = from_dict(SegmentConfig, data, where)
     check_backbone(cfg.model.backbone, where)
     check_timm_optim(cfg.optim.opt, cfg.optim.layer_decay, where)
-    for name in ("iters", "batch_size", "ckpt_every_steps", "log_every_steps"):
+    if cfg.iters < 0:
+        raise ConfigError(
+            f"{where}: iters must be >= 0 (0: the untrained baseline), got {cfg.iters}"
+        )
+    for name in ("batch_size", "ckpt_every_steps", "log_every_steps"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{where}: {name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.batch_size < 2:
@@ -213,7 +220,7 @@ def load_config(data: dict[str, Any], where: str = "config") -> SegmentConfig:
             f"{where}: batch_size must be >= 2 (BatchNorm in the heads, and the 1x1 pyramid "
             f"pooling level, need more than one value per channel), got {cfg.batch_size}"
         )
-    if not 0 <= cfg.optim.warmup_iters < cfg.iters:
+    if cfg.iters and not 0 <= cfg.optim.warmup_iters < cfg.iters:
         raise ConfigError(
             f"{where}: optim.warmup_iters must be in [0, iters={cfg.iters}), got "
             f"{cfg.optim.warmup_iters}"
@@ -295,7 +302,7 @@ def build_scheduler(
     group's ``lr_scale``)."""
     return PolyLRScheduler(
         optimizer,
-        t_initial=total_steps - cfg.warmup_iters,
+        t_initial=max(total_steps - cfg.warmup_iters, 1),  # iters 0: never stepped
         power=cfg.power,
         lr_min=cfg.min_lr,
         warmup_t=cfg.warmup_iters,
@@ -476,6 +483,9 @@ def run(
         torch.backends.cudnn.benchmark = False
     require_init(cfg.init)
     d = cfg.data
+    label_scan = validate_root(
+        d.root, d.num_classes, d.reduce_zero_label, d.ignore_index, (d.split, d.val_split)
+    )
     ade = {
         "reduce_zero_label": d.reduce_zero_label,
         "num_classes": d.num_classes,
@@ -510,6 +520,7 @@ def run(
         "num_images": len(train_set),
         "num_val_images": len(val_set),
         "num_classes": d.num_classes,
+        "labels": {"reduce_zero_label": d.reduce_zero_label, **label_scan},
         "out_indices": list(model.out_indices),
         "in_channels": list(model.in_channels),
         "strides": list(model.strides),
