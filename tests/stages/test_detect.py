@@ -568,6 +568,7 @@ def test_empty_boxes_are_dropped_counted_and_train(scenes, tmp_path, backend):
     assert derived["empty_boxes"]["empty_boxes"] == 3
 
 
+@pytest.mark.slow  # two torchrun processes: ~35 s on 2 shared cores
 def test_sync_bn_on_cpu_processes_falls_back_to_bn(scenes, tmp_path):
     """``norm: sync_bn`` (the R50-C4 default) with 2 CPU processes: plain BatchNorm per process,
     recorded, instead of "SyncBatchNorm layers only work with GPU modules"."""
