@@ -33,7 +33,8 @@ built). Training boxes are clipped to the image and empty ones dropped, as detec
 does; ``derived.empty_boxes`` counts them. ``sync_bn`` synchronises BatchNorm across CUDA
 processes; on the CPU (gloo cannot) each process keeps plain BatchNorm, with a warning
 (``derived.norm``). ``precise_bn_iters`` > 0 recomputes BatchNorm statistics before each
-evaluation (MoCo's ``TEST.PRECISE_BN``). Evaluation runs in float32 whatever ``amp`` is.
+evaluation over that many training batches, at most one per step done (MoCo's
+``TEST.PRECISE_BN``, 200). Evaluation runs in float32 whatever ``amp`` is.
 ``deterministic`` null (default) means deterministic kernels on the CPU and fast ones on CUDA
 (torchvision's deterministic RoIAlign fallback is slow there); ``derived.deterministic``
 records the choice.
@@ -697,7 +698,8 @@ def _precise_bn(
     amp_dtype: torch.dtype | None,
 ) -> None:
     """MoCo's precise BN: BatchNorm statistics recomputed over ``cfg.precise_bn_iters``
-    training batches (a fixed draw per evaluation step) with the current weights."""
+    training batches (at most ``step_done``; a fixed draw per evaluation step) with the current
+    weights."""
     rank, world = world_info()
     seed = mix_seed(cfg.seed, 2, step_done)
     usable = (len(flipped) // (cfg.batch_size * world)) * cfg.batch_size * world
@@ -719,10 +721,11 @@ def _precise_bn(
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             train_model(images, targets)
 
-    batches = (
-        b for _ in range(math.ceil(cfg.precise_bn_iters / max(len(loader), 1))) for b in loader
-    )
-    update_bn_stats(model, batches, cfg.precise_bn_iters, forward)
+    # at most one batch per training step done: a smoke run of 1 step does 1 (MoCo: 200 of 180k)
+    num_iter = min(cfg.precise_bn_iters, step_done)
+    repeats = math.ceil(num_iter / max(len(loader), 1))
+    batches = (batch for _ in range(repeats) for batch in loader)
+    update_bn_stats(model, batches, num_iter, forward)
 
 
 def _train_step(
