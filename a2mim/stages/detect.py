@@ -481,7 +481,9 @@ def run(
             empty["images_affected"],
         )
     norm_world = world if device.type == "cuda" else 1
-    norm = cfg.model.norm if cfg.model.norm != "sync_bn" or norm_world > 1 else "bn"
+    norm = cfg.model.norm
+    if norm == "sync_bn" and norm_world == 1:  # what convert_norm builds
+        norm = "bn (sync_bn needs CUDA)" if world > 1 else "bn (sync_bn in one process)"
     if cfg.model.norm == "sync_bn" and world > 1 and device.type != "cuda" and rank == 0:
         log_.warning(
             "model.norm sync_bn: SyncBatchNorm needs CUDA; on the CPU each of the %d processes "
@@ -532,7 +534,7 @@ def run(
         "num_params": sum(p.numel() for p in model.parameters()),  # shared C4 res5 once
         "init": init_report,
         "empty_boxes": empty,
-        "norm": norm if norm == cfg.model.norm else f"{norm} ({cfg.model.norm} needs CUDA)",
+        "norm": norm,
         "deterministic": deterministic,
         "eval_precision": "fp32",
         # the hash covers the resolved backend: "auto" must not resume under another library
