@@ -691,3 +691,27 @@ def test_detectron2_resize_matches_pil(d2):
         sx, sy = w / 90, h / 120
         torch.testing.assert_close(t["boxes"], torch.tensor([[9 * sx, 12 * sy, 45 * sx, 60 * sy]]))
         np.testing.assert_allclose(t["polygons"][0][0][:2], [9 * sx, 12 * sy])
+
+
+def test_detectron2_trains_masks_from_polygons(d2, scenes):
+    """COCO polygons reach detectron2 as ``PolygonMasks`` (rasterised per RoI, as its own
+    loader gives them), scaled with the image; an RLE-only instance falls back to bitmaps."""
+    from detectron2.structures import BitMasks, PolygonMasks
+
+    from a2mim.detection.detectron2_backend import Detectron2MaskRCNN
+
+    spec = DetectorSpec(backbone="resnet18", img_size=32, arch="c4", norm="bn")
+    model = Detectron2MaskRCNN(spec, detect.Input(min_size_train=(128,), max_size_train=256), 10)
+    root = scenes / "coco"
+    data = CocoInstances(
+        root / "annotations/instances_train2017.json", root / "train2017", with_polygons=True
+    )
+    img, target = data[0]
+    (item,) = model.train()._batch([img], [target])
+    masks = item["instances"].gt_masks
+    assert isinstance(masks, PolygonMasks) and len(masks) == len(target["labels"])
+    first = target["polygons"][0][0]
+    np.testing.assert_allclose(masks.polygons[0][0], first * 2.0)  # 64 -> 128 px
+    target["polygons"][0] = None
+    (item,) = model._batch([img], [target])
+    assert isinstance(item["instances"].gt_masks, BitMasks)
