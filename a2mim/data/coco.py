@@ -14,7 +14,8 @@ malformed file fails before training starts, with the file named in the message)
 - ``target["image_id"]``: the COCO image id (int).
 - ``target["polygons"]`` (only with ``with_polygons=True``): per instance, its polygons as
   float64 arrays ``[x0, y0, x1, y1, ...]``, or None for an RLE segmentation (detectron2 trains
-  its mask head from polygons when every instance has them).
+  its mask head from polygons when every instance has them). Then ``masks`` is left out (not
+  decoded) when every non-crowd instance has polygons, as in COCO's training set.
 
 `coco_evaluate` runs pycocotools' ``COCOeval`` and returns AP, AP50 and AP75 in percent.
 
@@ -455,21 +456,26 @@ class CocoInstances(torch.utils.data.Dataset):
             [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)],
             dtype=torch.float32,
         ).reshape(-1, 4)
-        masks_nhw = np.zeros((len(anns), height, width), dtype=np.uint8)
-        for i, ann in enumerate(anns):
-            masks_nhw[i] = segmentation_to_mask(ann["segmentation"], height, width)
+        polygons = [_polygons(a["segmentation"]) for a in anns] if self.with_polygons else None
         target: Target = {
             "boxes": boxes_n4,
             "labels": torch.tensor(
                 [self.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64
             ),
-            "masks": torch.from_numpy(masks_nhw),
             "iscrowd": torch.tensor([int(a["iscrowd"]) for a in anns], dtype=torch.int64),
             "area": torch.tensor([float(a["area"]) for a in anns], dtype=torch.float32),
             "image_id": int(image_id),
         }
-        if self.with_polygons:
-            target["polygons"] = [_polygons(a["segmentation"]) for a in anns]
+        bitmaps_needed = polygons is None or any(
+            p is None and not a["iscrowd"] for p, a in zip(polygons, anns, strict=True)
+        )
+        if bitmaps_needed:
+            masks_nhw = np.zeros((len(anns), height, width), dtype=np.uint8)
+            for i, ann in enumerate(anns):
+                masks_nhw[i] = segmentation_to_mask(ann["segmentation"], height, width)
+            target["masks"] = torch.from_numpy(masks_nhw)
+        if polygons is not None:
+            target["polygons"] = polygons
         return target
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:

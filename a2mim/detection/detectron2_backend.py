@@ -271,13 +271,12 @@ def resize_shortest_edge(
     out = dict(target)
     sx, sy = new_w / w, new_h / h
     out["boxes"] = target["boxes"] * torch.tensor([sx, sy, sx, sy], device=img.device)
-    masks = target["masks"]
-    if masks.shape[0]:
+    masks = target.get("masks")  # absent: polygons only (see CocoInstances)
+    if masks is not None and masks.shape[0]:
         masks = nn.functional.interpolate(masks[None].float(), (new_h, new_w), mode="nearest-exact")
-        masks = masks[0]
-    else:
-        masks = masks.new_zeros((0, new_h, new_w))
-    out["masks"] = masks.to(torch.uint8)
+        out["masks"] = masks[0].to(torch.uint8)
+    elif masks is not None:
+        out["masks"] = masks.new_zeros((0, new_h, new_w))
     if target.get("polygons") is not None:
         xy = np.array([sx, sy])
         out["polygons"] = [
@@ -289,7 +288,8 @@ def resize_shortest_edge(
 
 def _gt_masks(target: Target, image_size: tuple[int, int]) -> PolygonMasks | BitMasks:
     """``PolygonMasks`` when every instance has polygons (detectron2's COCO default: masks
-    rasterised per RoI from the polygons), else full-image ``BitMasks``."""
+    rasterised per RoI from the polygons; the bitmaps are then not decoded at all), else
+    full-image ``BitMasks``."""
     polygons = target.get("polygons")
     if polygons is not None and all(p is not None for p in polygons):
         return PolygonMasks(

@@ -238,7 +238,9 @@ def hflip(img_chw: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
     width = img_chw.shape[-1]
     boxes = target["boxes"].clone()
     boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
-    out = {**target, "boxes": boxes, "masks": target["masks"].flip(-1)}
+    out = {**target, "boxes": boxes}
+    if "masks" in target:
+        out["masks"] = target["masks"].flip(-1)
     if target.get("polygons") is not None:
         out["polygons"] = [
             None if polys is None else [_flip_x(p, width) for p in polys]

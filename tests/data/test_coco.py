@@ -498,4 +498,5 @@ def test_count_empty_boxes_and_polygon_targets(scene_root: Path, tmp_path: Path)
     polygons = target["polygons"]
     assert len(polygons) == len(target["labels"]) and all(len(p) >= 1 for p in polygons)
     assert polygons[0][0].dtype == np.float64
+    assert "masks" not in target  # every instance has polygons: no bitmap decoded
     assert "polygons" not in _dataset(scene_root, "polygon")[0][1]

@@ -558,7 +558,8 @@ def test_empty_boxes_are_dropped_counted_and_train(scenes, tmp_path, backend):
         img, target = dataset[(0, i)]
         boxes = target["boxes"]
         assert (boxes[:, 2] - boxes[:, 0] > 0).all() and (boxes[:, 3] - boxes[:, 1] > 0).all()
-        assert len(target["polygons"]) == len(boxes) == len(target["masks"])
+        assert len(target["polygons"]) == len(boxes) == len(target["labels"])
+        assert "masks" not in target  # polygons only: the bitmaps are never decoded
         assert (boxes[:, 0::2] <= img.shape[-1]).all()
     metrics = detect.run(cfg, tmp_path / "run")
     assert np.isfinite(metrics["final_loss"])
@@ -713,5 +714,8 @@ def test_detectron2_trains_masks_from_polygons(d2, scenes):
     first = target["polygons"][0][0]
     np.testing.assert_allclose(masks.polygons[0][0], first * 2.0)  # 64 -> 128 px
     target["polygons"][0] = None
+    target["masks"] = CocoInstances(
+        root / "annotations/instances_train2017.json", root / "train2017"
+    ).load_target(data.ids[0])["masks"]
     (item,) = model._batch([img], [target])
     assert isinstance(item["instances"].gt_masks, BitMasks)
