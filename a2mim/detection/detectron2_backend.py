@@ -184,7 +184,8 @@ def detectron2_config(
     m.DEVICE = "cpu"  # the stage moves the model to its device
     m.WEIGHTS = ""  # the encoder comes from MODEL.A2MIM.INIT; the rest is random
     m.BACKBONE.FREEZE_AT = 0
-    m.RESNETS.NORM = _NORM_NAMES[effective_norm(spec, world_size)]
+    # a plain ViT (sfp) has no BatchNorm: RESNETS.* does not apply, NORM "" says so
+    m.RESNETS.NORM = "" if spec.arch == "sfp" else _NORM_NAMES[effective_norm(spec, world_size)]
     m.RESNETS.STRIDE_IN_1X1 = False  # timm / torchvision ResNets stride in the 3x3 conv
     m.META_ARCHITECTURE = "GeneralizedRCNN"
     m.MASK_ON = True

@@ -484,9 +484,11 @@ def run(
         )
     norm_world = world if device.type == "cuda" else 1
     norm = cfg.model.norm
-    if norm == "sync_bn" and norm_world == 1:  # what convert_norm builds
+    if cfg.model.arch == "sfp":
+        norm = "layernorm (ViT: model.norm does not apply)"
+    elif norm == "sync_bn" and norm_world == 1:  # what convert_norm builds
         norm = "bn (sync_bn needs CUDA)" if world > 1 else "bn (sync_bn in one process)"
-    if cfg.model.norm == "sync_bn" and world > 1 and device.type != "cuda" and rank == 0:
+    if norm == "bn (sync_bn needs CUDA)" and rank == 0:
         log_.warning(
             "model.norm sync_bn: SyncBatchNorm needs CUDA; on the CPU each of the %d processes "
             "normalises over its own %d images (plain BatchNorm)",
