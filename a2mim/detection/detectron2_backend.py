@@ -49,12 +49,11 @@ from detectron2.modeling.roi_heads import Res5ROIHeads
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 from torch import nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from a2mim.config import from_dict, to_dict
 from a2mim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from a2mim.detection.backbone import StagedBody, ViTBody, build_body, c4_trunk
+from a2mim.detection.resize import resize_shortest_edge
 from a2mim.detection.spec import DetectorSpec, Input
 
 __all__ = [
@@ -247,44 +246,6 @@ def _res5_channels(spec: DetectorSpec) -> int:
     with torch.device("meta"):
         model = timm.create_model(spec.backbone, num_classes=0, **spec.backbone_kwargs)
     return int(model.feature_info[-1]["num_chs"])
-
-
-def resize_shortest_edge(
-    img_chw: torch.Tensor, target: Target | None, short: int, max_size: int
-) -> tuple[torch.Tensor, Target | None]:
-    """detectron2's ``ResizeShortestEdge`` on a tensor in [0, 1] holding 8-bit values: the short
-    side becomes ``short`` unless the long side would pass ``max_size`` (sizes rounded as
-    detectron2 does). Image: bilinear on uint8 with antialiasing, as PIL (detectron2 resizes
-    with PIL); masks: PIL's nearest rule (``nearest-exact``); boxes and ``polygons`` scaled by
-    the same factors."""
-    h, w = img_chw.shape[-2:]
-    scale = short / min(h, w)
-    if max(h, w) * scale > max_size:
-        scale = max_size / max(h, w)
-    new_h, new_w = int(h * scale + 0.5), int(w * scale + 0.5)
-    if (new_h, new_w) == (h, w):
-        return img_chw, target
-    img_u8 = img_chw.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
-    img = TF.resize(img_u8, [new_h, new_w], InterpolationMode.BILINEAR, antialias=True)
-    img = img.to(img_chw.dtype).div_(255.0)
-    if target is None:
-        return img, None
-    out = dict(target)
-    sx, sy = new_w / w, new_h / h
-    out["boxes"] = target["boxes"] * torch.tensor([sx, sy, sx, sy], device=img.device)
-    masks = target.get("masks")  # absent: polygons only (see CocoInstances)
-    if masks is not None and masks.shape[0]:
-        masks = nn.functional.interpolate(masks[None].float(), (new_h, new_w), mode="nearest-exact")
-        out["masks"] = masks[0].to(torch.uint8)
-    elif masks is not None:
-        out["masks"] = masks.new_zeros((0, new_h, new_w))
-    if target.get("polygons") is not None:
-        xy = np.array([sx, sy])
-        out["polygons"] = [
-            None if polys is None else [(p.reshape(-1, 2) * xy).reshape(-1) for p in polys]
-            for polys in target["polygons"]
-        ]
-    return img, out
 
 
 def _gt_masks(target: Target, image_size: tuple[int, int]) -> PolygonMasks | BitMasks:

@@ -670,10 +670,11 @@ def test_detectron2_config_describes_the_network(d2, tmp_path):
     assert one.cfg.MODEL.RESNETS.NORM == "BN"  # one process: sync_bn is plain BN
 
 
-def test_detectron2_resize_matches_pil(d2):
+def test_resize_matches_pil():
+    """Both backends resize as detectron2's pipeline does (PIL on the 8-bit image)."""
     from PIL import Image
 
-    from a2mim.detection.detectron2_backend import resize_shortest_edge
+    from a2mim.detection.resize import resize_shortest_edge
 
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (120, 90, 3), dtype=np.uint8)
@@ -692,6 +693,15 @@ def test_detectron2_resize_matches_pil(d2):
         sx, sy = w / 90, h / 120
         torch.testing.assert_close(t["boxes"], torch.tensor([[9 * sx, 12 * sy, 45 * sx, 60 * sy]]))
         np.testing.assert_allclose(t["polygons"][0][0][:2], [9 * sx, 12 * sy])
+    spec = DetectorSpec(backbone="resnet18", img_size=32, arch="c4", norm="bn")
+    inputs = detect.Input(min_size_test=60, max_size_test=1000)
+    tv = TorchvisionMaskRCNN(spec, inputs, 3).eval()
+    batch, _ = tv.net.transform([img])
+    out, _ = resize_shortest_edge(img, None, 60, 1000)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    assert batch.image_sizes == [(80, 60)] and batch.tensors.shape[-2:] == (80, 60)  # C4: no /32
+    torch.testing.assert_close(batch.tensors[0], (out - mean) / std)
 
 
 def test_detectron2_trains_masks_from_polygons(d2, scenes):
