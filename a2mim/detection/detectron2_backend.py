@@ -332,7 +332,7 @@ class Detectron2MaskRCNN(nn.Module):
             else:
                 short, max_size = self.inputs.min_size_test, self.inputs.max_size_test
             target = None if targets is None else targets[i]
-            img, target = resize_shortest_edge(img_chw, target, short, max_size)
+            img, target = resize_shortest_edge(img_chw, target, short, max_size, self.inputs.resize)
             item: dict[str, Any] = {
                 "image": img * 255.0,
                 "height": img_chw.shape[-2],

@@ -8,9 +8,9 @@ as the box head and the same stage as the mask head's trunk. torchvision's
 ``GeneralizedRCNNTransform`` draws the short side from ``min_size_train`` with the global torch
 generator (so a caller that seeds it per step gets reproducible sizes) and pads to a multiple of
 32 (``fpn``, ``sfp``) or to the batch maximum only (``c4``, as detectron2's ResNet backbones);
-the resize itself is detectron2's (`a2mim.detection.resize`: PIL-like bilinear on the 8-bit
-image, sizes rounded half up) instead of torchvision's float bilinear without antialiasing, and
-the ImageNet normalisation follows it.
+with ``input.resize: pil`` (default) the resize itself is detectron2's (`a2mim.detection.resize`:
+PIL-like bilinear on the 8-bit image, sizes rounded half up) instead of torchvision's float
+bilinear without antialiasing (``float``), and the ImageNet normalisation follows it.
 
 Differences from detectron2 with the same spec: torchvision's RoIAlign is the legacy
 ``aligned=False`` one (detectron2's ``ROIAlignV2`` is aligned), its box-regression losses are
@@ -216,13 +216,15 @@ class TorchvisionMaskRCNN(nn.Module):
             box_detections_per_img=spec.detections_per_image,
             **heads,
         )
-        self.net.transform = ShortestEdgeTransform(
-            inputs.min_size_train,
-            inputs.max_size_train,
-            list(IMAGENET_MEAN),
-            list(IMAGENET_STD),
-            size_divisible=1 if spec.arch == "c4" else 32,  # C4: the batch maximum only
-        )
+        if inputs.resize == "pil":
+            self.net.transform = ShortestEdgeTransform(
+                inputs.min_size_train,
+                inputs.max_size_train,
+                list(IMAGENET_MEAN),
+                list(IMAGENET_STD),
+            )
+        if spec.arch == "c4":
+            self.net.transform.size_divisible = 1  # pad to the batch maximum only
         self._set_sizes(training=True)
 
     def _set_sizes(self, training: bool) -> None:

@@ -702,6 +702,12 @@ def test_resize_matches_pil():
     std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     assert batch.image_sizes == [(80, 60)] and batch.tensors.shape[-2:] == (80, 60)  # C4: no /32
     torch.testing.assert_close(batch.tensors[0], (out - mean) / std)
+    # input.resize: float keeps torchvision's own transform (the toy recipes' measurements)
+    plain = TorchvisionMaskRCNN(spec, detect.Input(resize="float"), 3)
+    assert type(plain.net.transform).__name__ == "GeneralizedRCNNTransform"
+    flat, _ = resize_shortest_edge(img, None, 60, 1000, mode="float")
+    expect = torch.nn.functional.interpolate(img[None], (80, 60), mode="bilinear")[0]
+    torch.testing.assert_close(flat, expect)
 
 
 def test_detectron2_trains_masks_from_polygons(d2, scenes):
