@@ -32,7 +32,7 @@ from a2mim.mim import MaskedImageModel, get_preset
 from a2mim.models.upernet import build_upernet, load_init, param_groups, slide_logits
 from a2mim.stages import segment
 from a2mim.train import checkpoint
-from a2mim.train.classify import create_classifier
+from a2mim.train.encoder import create_classifier
 
 VIT = get_preset("a2mim_vit_tiny")  # vit_tiny_patch16_224, patch 4, depth 6, 32 px
 
@@ -510,7 +510,7 @@ def test_zero_iterations_is_the_untrained_baseline(scenes, tmp_path):
     saved = checkpoint.load(tmp_path / "model.pt")["state_dict"]
     for key, value in fresh.state_dict().items():
         assert torch.equal(saved[key], value), key
-    with pytest.raises(ConfigError, match="iters must be >= 0"):
+    with pytest.raises(ConfigError, match=r"iters: -1 is out of range; allowed: >= 0"):
         segment.load_config(_cfg(scenes, iters=-1))
 
 
