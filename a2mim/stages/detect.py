@@ -546,13 +546,7 @@ class DetectTask(engine.Task):
 
     def _d2_config(self) -> dict[str, Any]:
         """detectron2's config of the network and the solver (`Detectron2MaskRCNN.config_yaml`)."""
-        solver = {
-            **to_dict(self.cfg.solver),
-            "lr": self.lr,
-            "ims_per_batch": self.steps.global_batch,
-            "amp": self.cfg.amp,
-            "precise_bn_iters": self.cfg.precise_bn_iters,
-        }
+        solver = solver_summary(self.cfg, self.lr, self.steps.global_batch)
         return yaml.safe_load(self.model.config_yaml(solver))
 
     def hashed_config(self) -> DetectConfig:
@@ -676,6 +670,18 @@ class DetectTask(engine.Task):
         d2_file = self.ctx.out / "detectron2_config.yaml"
         atomic.write_text(d2_file, yaml.safe_dump(self._d2_config(), sort_keys=True))
         return [(d2_file, None)]
+
+
+def solver_summary(cfg: DetectConfig, lr: float, ims_per_batch: int) -> dict[str, Any]:
+    """The solver as `Detectron2MaskRCNN.config_yaml` records it (``lr``: the scaled lr for
+    ``ims_per_batch`` images per optimizer step)."""
+    return {
+        **to_dict(cfg.solver),
+        "lr": lr,
+        "ims_per_batch": ims_per_batch,
+        "amp": cfg.amp,
+        "precise_bn_iters": cfg.precise_bn_iters,
+    }
 
 
 def _deterministic(cfg: DetectConfig, device: torch.device) -> bool:

@@ -653,7 +653,7 @@ def test_detectron2_config_describes_the_network(d2, tmp_path):
     data = yaml.safe_load(recipes.resolve("detect", "r50_c4_2x").read_text())
     cfg = detect.load_config(data)
     model = Detectron2MaskRCNN(cfg.model, cfg.input, 80, world_size=8)
-    text = model.config_yaml(detect._solver_summary(cfg, 0.02, 8))
+    text = model.config_yaml(detect.solver_summary(cfg, 0.02, 16))
     d2cfg = yaml.safe_load(text)
     m = d2cfg["MODEL"]
     assert m["BACKBONE"]["FREEZE_AT"] == 0 and m["RESNETS"]["NORM"] == "SyncBN"
