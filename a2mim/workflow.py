@@ -179,10 +179,12 @@ class Matrix:
 
     def dataset_root(self, name: str, stage: str | None = None) -> str:
         """Where ``stage`` reads dataset ``name``: an external root as given; a generated scenes
-        set holds COCO (detect) and ADE20K (segment, under ``ade/``) layouts."""
+        set holds a COCO 2017 root (detect, ``coco/``) and an ADE20K root (segment, ``ade/``)."""
         spec = self.config["datasets"][name]
         root = spec.get("root", f"{self.results}/data/{name}")
-        return f"{root}/ade" if "scenes" in spec and stage == "segment" else root
+        if "scenes" not in spec or stage not in ("detect", "segment"):
+            return root
+        return f"{root}/{'ade' if stage == 'segment' else 'coco'}"
 
     def table_outputs(self, tables: Iterable[str] = TABLES) -> list[str]:
         return [f"{self.results}/tables/{t}.{ext}" for t in tables for ext in ("md", "csv", "tex")]

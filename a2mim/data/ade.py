@@ -11,8 +11,17 @@ Label convention of ADE20K: 0 means "other / not annotated", 1..150 are the clas
 ``reduce_zero_label=False`` the stored values are used as they are: ``0..num_classes-1`` are
 classes and ``ignore_index`` marks ignored pixels.
 
+Label conventions (``reduce_zero_label``, a dataset setting of the ``segment`` stage with
+``num_classes``; nothing is guessed from the files):
+
+- ``true`` (ADE20K, mmseg's ``reduce_zero_label``): raw 0 = ignored ("other"), 1..K = classes;
+- ``false`` (Cityscapes-style and most custom sets): raw 0..K-1 = classes, ``ignore_index``
+  (usually 255) = void.
+
 Construction checks the file pairing, sizes and label modes (image headers only, which is
-cheap); label values are checked when an item is loaded. Every error names the file.
+cheap); label values are checked when an item is loaded, and `validate_root` checks the layout
+and scans a sample of label files against the convention before anything trains. Every error
+names the file and the setting to change.
 """
 
 from __future__ import annotations
@@ -24,11 +33,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["ADE20KSegmentation", "reduce_zero_label"]
+from a2mim.config import ConfigError
+
+__all__ = ["ADE20KSegmentation", "AdeLayoutError", "reduce_zero_label", "validate_root"]
 
 SPLITS = ("training", "validation")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 LABEL_MODES = ("L", "P")
+LAYOUT = (
+    "images/training/*.jpg, images/validation/*.jpg, annotations/training/*.png and "
+    "annotations/validation/*.png (the ADEChallengeData2016 layout; one single-channel label "
+    "PNG per image, same stem)"
+)
 
 Transforms = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -159,3 +175,119 @@ class ADE20KSegmentation(torch.utils.data.Dataset):
         if self.transforms is not None:
             img_chw, label_hw = self.transforms(img_chw, label_hw)
         return img_chw, label_hw
+
+
+class AdeLayoutError(ConfigError):
+    """A dataset root does not hold the ADE20K layout, or its labels break the convention."""
+
+
+def _convention(reduce_zero: bool, num_classes: int, ignore_index: int) -> str:
+    if reduce_zero:
+        return f"data.reduce_zero_label: true reads 0 as ignored and 1..{num_classes} as classes"
+    return (
+        f"data.reduce_zero_label: false reads 0..{num_classes - 1} as classes and "
+        f"{ignore_index} as ignored"
+    )
+
+
+def _check_values(
+    values: np.ndarray, path: Path, reduce_zero: bool, num_classes: int, ignore_index: int
+) -> None:
+    """Raise `AdeLayoutError` when a label file's ``values`` break the convention, saying which
+    setting to change."""
+    rule = _convention(reduce_zero, num_classes, ignore_index)
+    if reduce_zero:
+        bad = values[values > num_classes]
+        classes = values[values != ignore_index]
+        if (
+            bad.size
+            and set(bad.tolist()) == {ignore_index}
+            and classes.max(initial=0) < num_classes
+        ):
+            hint = (
+                f"the file holds {ignore_index} and classes below {num_classes}: it looks like "
+                f"the 0..K-1 + void convention; set data.reduce_zero_label: false"
+            )
+        else:
+            hint = "set data.num_classes to the number of classes of this dataset"
+    else:
+        bad = values[(values >= num_classes) & (values != ignore_index)]
+        if bad.size and bad.max() == num_classes and ignore_index not in values:
+            hint = (
+                f"values reach {num_classes}: it looks like the ADE convention (0 = ignored, "
+                f"1..K); set data.reduce_zero_label: true"
+            )
+        else:
+            hint = "set data.num_classes (or data.ignore_index) to match this dataset"
+    if bad.size:
+        raise AdeLayoutError(
+            f"{path}: label values {sorted(set(bad.tolist()))[:10]} are outside the convention "
+            f"({rule}); {hint}"
+        )
+
+
+def validate_root(
+    root: str | Path,
+    num_classes: int,
+    reduce_zero_label: bool = True,
+    ignore_index: int = 255,
+    splits: tuple[str, ...] = SPLITS,
+    sample: int = 8,
+) -> dict[str, object]:
+    """Check, cheaply, that ``root`` holds the ADE20K layout (`LAYOUT`) and that its labels fit
+    ``num_classes`` and the label convention, before anything is trained or submitted.
+
+    For each split: both folders exist and are not empty, and ``sample`` images spread over the
+    sorted list have a label PNG of the same stem and size in mode L or P, whose values fit the
+    convention (see the module docstring). Raises `AdeLayoutError` naming the expected layout or
+    the setting to change; returns what was scanned:
+    ``{"root", "label_files_scanned", "values_seen": [min, max], "ignore_seen"}``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise AdeLayoutError(f"ADE20K root {root} is not a folder; expected {LAYOUT}")
+    if not 1 <= num_classes < ignore_index <= 255:
+        raise AdeLayoutError(
+            f"need 1 <= data.num_classes < data.ignore_index <= 255, got {num_classes} and "
+            f"{ignore_index}"
+        )
+    scanned, low, high, ignore_seen = 0, 255, 0, False
+    for split in splits:
+        image_dir, label_dir = root / "images" / split, root / "annotations" / split
+        for folder in (image_dir, label_dir):
+            if not folder.is_dir():
+                raise AdeLayoutError(f"{root}: missing folder {folder}; expected {LAYOUT}")
+        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise AdeLayoutError(f"{image_dir} holds no images; expected {LAYOUT}")
+        picks = sorted({round(i * (len(images) - 1) / max(sample - 1, 1)) for i in range(sample)})
+        for image_path in (images[i] for i in picks):
+            label_path = label_dir / f"{image_path.stem}.png"
+            if not label_path.is_file():
+                raise AdeLayoutError(
+                    f"image {image_path} has no label {label_path}; expected {LAYOUT}"
+                )
+            with Image.open(image_path) as image, Image.open(label_path) as label:
+                image_size, mode = image.size, label.mode
+                values_hw = np.asarray(label) if mode in LABEL_MODES else None
+            if values_hw is None:
+                raise AdeLayoutError(
+                    f"{label_path}: label image has mode {mode!r}; labels must be single-channel "
+                    f"8-bit PNGs (mode L or P) holding class values, not color renderings"
+                )
+            if values_hw.shape[::-1] != image_size:
+                raise AdeLayoutError(
+                    f"size mismatch: image {image_path} is {image_size[0]}x{image_size[1]} (WxH) "
+                    f"but label {label_path} is {values_hw.shape[1]}x{values_hw.shape[0]}"
+                )
+            values = np.unique(values_hw)
+            _check_values(values, label_path, reduce_zero_label, num_classes, ignore_index)
+            scanned += 1
+            low, high = min(low, int(values.min())), max(high, int(values.max()))
+            ignore_seen |= bool(not reduce_zero_label and ignore_index in values)
+    return {
+        "root": str(root),
+        "label_files_scanned": scanned,
+        "values_seen": [low, high],
+        "ignore_seen": ignore_seen if not reduce_zero_label else bool(low == 0),
+    }

@@ -12,8 +12,16 @@ malformed file fails before training starts, with the file named in the message)
 - ``target["iscrowd"]``: int64 (N,); crowd regions are kept, `drop_crowd` removes them;
 - ``target["area"]``: float32 (N,), the annotation's ``area`` field;
 - ``target["image_id"]``: the COCO image id (int).
+- ``target["polygons"]`` (only with ``with_polygons=True``): per instance, its polygons as
+  float64 arrays ``[x0, y0, x1, y1, ...]``, or None for an RLE segmentation (detectron2 trains
+  its mask head from polygons when every instance has them). Then ``masks`` is left out (not
+  decoded) when every non-crowd instance has polygons, as in COCO's training set.
 
 `coco_evaluate` runs pycocotools' ``COCOeval`` and returns AP, AP50 and AP75 in percent.
+
+`validate_root` checks, cheaply and before anything trains, that a folder holds the COCO 2017
+layout the ``detect`` stage reads (`COCO2017_LAYOUT`); `clip_boxes` clips boxes to the image and
+drops the empty ones as detectron2's loader does (COCO train2017 holds zero-width boxes).
 """
 
 from __future__ import annotations
@@ -35,14 +43,21 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from a2mim.config import ConfigError
+
 __all__ = [
+    "COCO2017_LAYOUT",
     "CocoFormatError",
     "CocoInstances",
+    "CocoLayoutError",
+    "clip_boxes",
     "coco_evaluate",
+    "count_empty_boxes",
     "drop_crowd",
     "load_coco_json",
     "segmentation_to_mask",
     "segmentation_to_rle",
+    "validate_root",
 ]
 
 Target = dict[str, Any]
@@ -52,9 +67,18 @@ _IMAGE_KEYS = ("id", "file_name", "height", "width")
 _ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox", "segmentation", "area", "iscrowd")
 _CATEGORY_KEYS = ("id", "name")
 # Per-instance entries of a target (leading dimension N); `drop_crowd` filters exactly these.
-_INSTANCE_KEYS = ("boxes", "labels", "masks", "iscrowd", "area")
+_INSTANCE_KEYS = ("boxes", "labels", "masks", "iscrowd", "area", "polygons")
 # Indices into COCOeval.stats for the reported metrics.
 _STAT_INDEX = {"AP": 0, "AP50": 1, "AP75": 2}
+# The official COCO 2017 layout, relative to the dataset root: the ``detect`` stage's defaults.
+COCO2017_LAYOUT = {
+    "train_ann": "annotations/instances_train2017.json",
+    "train_images": "train2017",
+    "val_ann": "annotations/instances_val2017.json",
+    "val_images": "val2017",
+}
+# detectron2 ``filter_empty_instances``: a box is empty when its width or height is <= this.
+EMPTY_BOX_THRESHOLD = 1e-5
 
 
 class CocoFormatError(ValueError):
@@ -82,6 +106,13 @@ def load_coco_json(ann_file: str | Path) -> dict[str, Any]:
 def _is_valid_polygon(polygon: list[Any]) -> bool:
     """At least 3 (x, y) pairs; the official COCO files hold a few shorter ones."""
     return len(polygon) >= 6 and len(polygon) % 2 == 0
+
+
+def _polygons(segmentation: Any) -> list[np.ndarray] | None:
+    """The usable polygons of a segmentation as float64 arrays, None for RLE."""
+    if not isinstance(segmentation, list):
+        return None
+    return [np.asarray(p, dtype=np.float64) for p in segmentation if _is_valid_polygon(p)]
 
 
 def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
@@ -123,12 +154,60 @@ def drop_crowd(target: Target) -> Target:
     Training losses usually skip crowd regions; evaluation keeps them (COCOeval ignores
     detections matched to crowd regions rather than counting them as false positives).
     """
-    keep_n = target["iscrowd"] == 0
+    return _select(target, target["iscrowd"] == 0)
+
+
+def _select(target: Target, keep_n: torch.Tensor) -> Target:
+    """A copy of ``target`` with the per-instance entries restricted to ``keep_n`` (bool)."""
     kept = dict(target)
     for key in _INSTANCE_KEYS:
-        if key in kept:
-            kept[key] = kept[key][keep_n]
+        value = kept.get(key)
+        if isinstance(value, list):
+            kept[key] = [v for v, keep in zip(value, keep_n.tolist(), strict=True) if keep]
+        elif value is not None:
+            kept[key] = value[keep_n]
     return kept
+
+
+def clip_boxes(
+    target: Target, height: int, width: int, threshold: float = EMPTY_BOX_THRESHOLD
+) -> tuple[Target, int]:
+    """``(target, dropped)``: the boxes clipped to the ``width x height`` image and the instances
+    whose clipped box has width or height ``<= threshold`` removed, as detectron2's loader does
+    (``Boxes.clip`` then ``filter_empty_instances``); ``dropped`` counts them. Zero-size boxes
+    (COCO train2017 has some) otherwise give non-finite or corrupted box losses."""
+    boxes = target["boxes"].clone()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    keep_n = ((boxes[:, 2] - boxes[:, 0]) > threshold) & ((boxes[:, 3] - boxes[:, 1]) > threshold)
+    kept = {**target, "boxes": boxes}
+    if bool(keep_n.all()):
+        return kept, 0
+    return _select(kept, keep_n), int((~keep_n).sum())
+
+
+def count_empty_boxes(
+    coco: COCO, image_ids: Iterable[int], skip_ann_ids: Iterable[int] = ()
+) -> dict[str, int]:
+    """How many non-crowd annotations of ``image_ids`` `clip_boxes` drops, from the JSON
+    alone: ``{"annotations": N checked, "empty_boxes": n dropped, "images_affected": m}``."""
+    skipped = set(skip_ann_ids)
+    checked = empty = affected = 0
+    for image_id in image_ids:
+        info = coco.imgs[image_id]
+        hit = False
+        for ann in coco.imgToAnns.get(image_id, []):
+            if ann.get("iscrowd", 0) or ann["id"] in skipped:
+                continue
+            checked += 1
+            x, y, w, h = ann["bbox"]
+            x1, x2 = min(max(x, 0), info["width"]), min(max(x + w, 0), info["width"])
+            y1, y2 = min(max(y, 0), info["height"]), min(max(y + h, 0), info["height"])
+            if x2 - x1 <= EMPTY_BOX_THRESHOLD or y2 - y1 <= EMPTY_BOX_THRESHOLD:
+                empty += 1
+                hit = True
+        affected += hit
+    return {"annotations": checked, "empty_boxes": empty, "images_affected": affected}
 
 
 def _is_number(value: Any) -> bool:
@@ -299,6 +378,7 @@ class CocoInstances(torch.utils.data.Dataset):
         transforms: optional ``f(img_chw, target) -> (img_chw, target)`` applied last.
         polygon_tolerance: how far (pixels) polygon vertices may lie outside the image
             before the file is rejected; COCO coordinates run over ``[0, width] x [0, height]``.
+        with_polygons: also give each target its ``polygons`` (see the module docstring).
 
     Degenerate polygons (fewer than 3 points, present in the official COCO files) are
     dropped as detectron2 does; an annotation left without any polygon is kept in
@@ -315,7 +395,9 @@ class CocoInstances(torch.utils.data.Dataset):
         image_root: str | Path,
         transforms: Transforms | None = None,
         polygon_tolerance: float = 1.0,
+        with_polygons: bool = False,
     ) -> None:
+        self.with_polygons = with_polygons
         self.ann_file = Path(ann_file)
         self.image_root = Path(image_root)
         if not self.image_root.is_dir():
@@ -374,19 +456,27 @@ class CocoInstances(torch.utils.data.Dataset):
             [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)],
             dtype=torch.float32,
         ).reshape(-1, 4)
-        masks_nhw = np.zeros((len(anns), height, width), dtype=np.uint8)
-        for i, ann in enumerate(anns):
-            masks_nhw[i] = segmentation_to_mask(ann["segmentation"], height, width)
-        return {
+        polygons = [_polygons(a["segmentation"]) for a in anns] if self.with_polygons else None
+        target: Target = {
             "boxes": boxes_n4,
             "labels": torch.tensor(
                 [self.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64
             ),
-            "masks": torch.from_numpy(masks_nhw),
             "iscrowd": torch.tensor([int(a["iscrowd"]) for a in anns], dtype=torch.int64),
             "area": torch.tensor([float(a["area"]) for a in anns], dtype=torch.float32),
             "image_id": int(image_id),
         }
+        bitmaps_needed = polygons is None or any(
+            p is None and not a["iscrowd"] for p, a in zip(polygons, anns, strict=True)
+        )
+        if bitmaps_needed:
+            masks_nhw = np.zeros((len(anns), height, width), dtype=np.uint8)
+            for i, ann in enumerate(anns):
+                masks_nhw[i] = segmentation_to_mask(ann["segmentation"], height, width)
+            target["masks"] = torch.from_numpy(masks_nhw)
+        if polygons is not None:
+            target["polygons"] = polygons
+        return target
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
         image_id = self.ids[index]
@@ -395,6 +485,97 @@ class CocoInstances(torch.utils.data.Dataset):
         if self.transforms is not None:
             img_chw, target = self.transforms(img_chw, target)
         return img_chw, target
+
+
+class CocoLayoutError(ConfigError):
+    """A dataset root does not hold the COCO layout the ``detect`` stage reads."""
+
+
+def _layout_text(root: Path, paths: Mapping[str, str]) -> str:
+    return (
+        f"expected the COCO 2017 layout under {root}: {paths['train_ann']}, {paths['val_ann']}, "
+        f"{paths['train_images']}/ and {paths['val_images']}/ (images named by the JSON's "
+        f"file_name); point data.root at that folder"
+    )
+
+
+def validate_root(
+    root: str | Path,
+    train_ann: str = COCO2017_LAYOUT["train_ann"],
+    train_images: str = COCO2017_LAYOUT["train_images"],
+    val_ann: str = COCO2017_LAYOUT["val_ann"],
+    val_images: str = COCO2017_LAYOUT["val_images"],
+) -> dict[str, Any]:
+    """Check, cheaply, that ``root`` holds a COCO instance set in the given layout (default:
+    COCO 2017, `COCO2017_LAYOUT`) before anything is trained or submitted.
+
+    Checks that both annotation files and image folders exist; reads the validation JSON
+    (25 MB for COCO 2017; the 450 MB training file is only checked to be a non-empty file)
+    and checks that its first image exists under ``val_images`` with the size the JSON declares
+    and that its annotations name known categories. Raises `CocoLayoutError` naming the
+    expected layout; returns ``{"root", "val_images", "val_annotations", "categories"}``.
+    """
+    root = Path(root)
+    paths = {
+        "train_ann": train_ann,
+        "train_images": train_images,
+        "val_ann": val_ann,
+        "val_images": val_images,
+    }
+    layout = _layout_text(root, paths)
+    if not root.is_dir():
+        raise CocoLayoutError(f"COCO root {root} is not a folder; {layout}")
+    missing = [
+        rel
+        for key, rel in paths.items()
+        if not ((root / rel).is_file() if key.endswith("_ann") else (root / rel).is_dir())
+    ]
+    if missing:
+        raise CocoLayoutError(f"{root}: missing {', '.join(missing)}; {layout}")
+    if (root / train_ann).stat().st_size == 0:
+        raise CocoLayoutError(f"{root / train_ann} is empty; {layout}")
+    try:
+        data = load_coco_json(root / val_ann)
+    except CocoFormatError as err:
+        raise CocoLayoutError(str(err)) from err
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise CocoLayoutError(
+                f"{root / val_ann}: no '{key}' list; a COCO instances file needs 'images', "
+                f"'annotations' and 'categories'"
+            )
+    if not data["images"]:
+        raise CocoLayoutError(f"{root / val_ann} lists no images; {layout}")
+    first = data["images"][0]
+    _require_keys(first, _IMAGE_KEYS, "images[0]", root / val_ann)
+    image_path = root / val_images / first["file_name"]
+    if not image_path.is_file():
+        raise CocoLayoutError(
+            f"{root / val_ann}: its first image {first['file_name']!r} is not in "
+            f"{root / val_images}; {layout}"
+        )
+    with Image.open(image_path) as image:
+        size = image.size
+    if size != (first["width"], first["height"]):
+        raise CocoLayoutError(
+            f"{image_path} is {size[0]}x{size[1]} (WxH) but {root / val_ann} declares "
+            f"{first['width']}x{first['height']}: the images and annotations do not belong "
+            f"together"
+        )
+    categories = {c.get("id") for c in data["categories"] if isinstance(c, dict)}
+    for ann in data["annotations"]:
+        sample = isinstance(ann, dict) and ann.get("image_id") == first["id"]
+        if sample and ann.get("category_id") not in categories:
+            raise CocoLayoutError(
+                f"{root / val_ann}: annotation id={ann.get('id')} has category_id="
+                f"{ann.get('category_id')!r}, not one of the file's categories"
+            )
+    return {
+        "root": str(root),
+        "val_images": len(data["images"]),
+        "val_annotations": len(data["annotations"]),
+        "categories": len(categories),
+    }
 
 
 def _as_coco(coco_gt: COCO | CocoInstances | str | Path) -> COCO:

@@ -10,10 +10,14 @@ its silhouette and nothing is occluded.
 `make_scenes` writes, atomically (temp folder, then rename)::
 
     out_dir/manifest.json
-    out_dir/coco/{train,val}/<id>.png                        lossless, so masks are exact
-    out_dir/coco/annotations/instances_{train,val}.json      categories 1..10
+    out_dir/coco/{train2017,val2017}/<id>.png                    lossless, so masks are exact
+    out_dir/coco/annotations/instances_{train2017,val2017}.json  categories 1..10
     out_dir/ade/images/{training,validation}/<id>.jpg
     out_dir/ade/annotations/{training,validation}/<id>.png   mode L
+
+``out_dir/coco`` is a COCO 2017 root and ``out_dir/ade`` an ADE20K root: each works as the
+``data.root`` of its stage with no other key (`a2mim.data.coco.validate_root`,
+`a2mim.data.ade.validate_root`).
 
 COCO categories are the 10 Fashion-MNIST classes with ids 1..10 (``class index + 1``); every
 annotation has iscrowd=0, ``bbox``/``area`` computed from the mask, and a segmentation in
@@ -424,7 +428,7 @@ def _write_split(
     mask_format: str,
     void_border: int,
 ) -> dict[str, Any]:
-    coco_dir = root / "coco" / split
+    coco_dir = root / "coco" / f"{split}2017"
     ade_images = root / "ade" / "images" / _ADE_SPLIT[split]
     ade_labels = root / "ade" / "annotations" / _ADE_SPLIT[split]
     for folder in (coco_dir, ade_images, ade_labels):
@@ -457,7 +461,7 @@ def _write_split(
             for i, name in enumerate(FASHION_MNIST_CLASSES)
         ],
     }
-    ann_path = root / "coco" / "annotations" / f"instances_{split}.json"
+    ann_path = root / "coco" / "annotations" / f"instances_{split}2017.json"
     ann_path.parent.mkdir(parents=True, exist_ok=True)
     ann_path.write_text(json.dumps(coco), encoding="utf-8")
     return {
@@ -543,6 +547,7 @@ def make_scenes(
             "classes": list(FASHION_MNIST_CLASSES),
             "coco_category_ids": list(range(1, len(FASHION_MNIST_CLASSES) + 1)),
             "backgrounds": [f"skimage.data.{name}" for name in BACKGROUND_PHOTOS],
+            "coco": {"root": "coco"},
             "ade": {
                 "root": "ade",
                 "reduce_zero_label": True,

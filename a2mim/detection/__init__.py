@@ -2,7 +2,9 @@
 
 ``resolve_backend("auto")`` picks detectron2 when it can be imported, else torchvision (and logs
 the choice); asking for ``"detectron2"`` without it installed raises `BackendUnavailable` with
-the install instructions, never a silent fallback. ``build_detector`` returns an ``nn.Module``
+the install instructions, never a silent fallback. `check_backend` is the same check for a
+pre-flight (before any job is submitted): it raises `BackendUnavailable` (a ``ConfigError``)
+naming both fixes, building detectron2 or choosing ``backend: torchvision``. ``build_detector`` returns an ``nn.Module``
 with one interface for both (see ``torchvision_backend``): ``forward(images, targets)`` gives
 the loss dict in training mode and per-image predictions in eval mode; ``init_report`` and
 ``backend`` say what was loaded and which library runs it.
@@ -25,6 +27,7 @@ __all__ = [
     "DetectorSpec",
     "Input",
     "build_detector",
+    "check_backend",
     "detectron2_available",
     "resolve_backend",
 ]
@@ -40,7 +43,8 @@ DETECTRON2_INSTALL = (
     "  pip install -U pip 'setuptools<82' ninja\n"
     "  MAX_JOBS=2 pip install --no-build-isolation --no-deps -e ./detectron2\n"
     "  pip install fvcore iopath omegaconf hydra-core yacs termcolor black  # its dependencies\n"
-    "or set backend: torchvision (or auto) in the config"
+    "or set backend: torchvision (or auto) in the config (in a workflow config: "
+    "set: {backend: torchvision} in the detect run)"
 )
 
 
@@ -69,6 +73,13 @@ def resolve_backend(name: str) -> Backend:
         )
         return chosen
     raise ConfigError(f"backend must be auto, torchvision or detectron2, got {name!r}")
+
+
+def check_backend(name: str) -> Backend:
+    """Pre-flight check of config value ``name``: the backend a run with it will use. Raises
+    `BackendUnavailable` (with the install instructions and the torchvision switch) when
+    detectron2 is asked for and not importable, `ConfigError` for an unknown name."""
+    return resolve_backend(name)
 
 
 def build_detector(

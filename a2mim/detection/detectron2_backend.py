@@ -17,31 +17,48 @@ imports this module.
   the same tensors as the torchvision backend: images in [0, 1] at their original size (it
   resizes them as detectron2's ``ResizeShortestEdge`` would, the short side drawn from
   ``min_size_train`` with the global torch generator), targets with labels 1..K, and
-  predictions rescaled to the original size.
+  predictions rescaled to the original size, in float32 whatever the autocast.
+- The config describes the network that is built, and `Detectron2MaskRCNN.config_yaml` adds the
+  solver so that the stage saves it with the run (``detectron2_config.yaml``): ``FREEZE_AT: 0``
+  (every layer trains; ``frozen_bn`` freezes BatchNorm only), ``RESNETS.NORM`` the encoder's
+  normalisation as built (``SyncBN`` with several processes, ``BN`` with one, ``FrozenBN``),
+  ``ROI_HEADS.NAME: Res5ROIHeadsExtraNorm`` (MoCo's class, registered here) when the C4 head
+  carries the extra norm. detectron2 builds that res5 from its config; it is then replaced by
+  the encoder's pretrained last stage (+ the norm), the same structure with pretrained weights.
+- As detectron2's data pipeline: the resize is PIL's bilinear on 8-bit images (torchvision's
+  antialiased uint8 resize, within 2/255 of PIL), masks resize with PIL's nearest rule, and
+  targets carrying ``polygons`` give ``PolygonMasks`` (rasterised per RoI, as detectron2 does
+  for COCO) instead of full-image bitmaps. C4 inputs are padded to the batch maximum (ResNet
+  backbones have no size divisibility in detectron2); FPN and ViT inputs to multiples of 32.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from detectron2.config import CfgNode, get_cfg
-from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone, build_model
+from detectron2.layers import ShapeSpec, get_norm
+from detectron2.modeling import BACKBONE_REGISTRY, ROI_HEADS_REGISTRY, Backbone, build_model
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.backbone.vit import SimpleFeaturePyramid
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.modeling.roi_heads import Res5ROIHeads
+from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 from torch import nn
 
 from a2mim.config import from_dict, to_dict
 from a2mim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from a2mim.detection.backbone import StagedBody, ViTBody, build_body, c4_trunk
+from a2mim.detection.resize import resize_shortest_edge
 from a2mim.detection.spec import DetectorSpec, Input
 
 __all__ = [
     "Detectron2MaskRCNN",
+    "Res5ROIHeadsExtraNorm",
     "TimmBackbone",
     "build_a2mim_timm_backbone",
     "detectron2_config",
@@ -52,13 +69,18 @@ Target = dict[str, Any]
 SIZE_DIVISIBILITY = 32
 
 
+_NORM_NAMES = {"bn": "BN", "sync_bn": "SyncBN", "frozen_bn": "FrozenBN"}
+
+
 class TimmBackbone(Backbone):
     """A shared timm body (`StagedBody` or `ViTBody`) as a detectron2 ``Backbone``: maps
-    ``res2`` .. ``res5`` (``res4`` only for C4) or ``last`` (ViT, stride 16)."""
+    ``res2`` .. ``res5`` (``res4`` only for C4) or ``last`` (ViT, stride 16). C4 bodies pad
+    inputs to the batch maximum only (size divisibility 0, as detectron2's ResNet)."""
 
     def __init__(self, body: StagedBody | ViTBody):
         super().__init__()
         self.body = body
+        self._divisibility = 0 if getattr(body, "stop_at_res4", False) else SIZE_DIVISIBILITY
         specs = body.specs if isinstance(body, StagedBody) else {"last": body.spec}
         self._out_features = list(specs)
         self._out_feature_channels = {k: s.channels for k, s in specs.items()}
@@ -66,10 +88,21 @@ class TimmBackbone(Backbone):
 
     @property
     def size_divisibility(self) -> int:
-        return SIZE_DIVISIBILITY
+        return self._divisibility
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(self.body(x))
+
+
+class Res5ROIHeadsExtraNorm(Res5ROIHeads):
+    """MoCo's C4 head (``detection/train_net.py``): detectron2's res5 followed by one more
+    normalisation layer of type ``MODEL.RESNETS.NORM``. Registered under MoCo's name so that
+    the saved config says what was built."""
+
+    def _build_res5_block(self, cfg: CfgNode):
+        seq, out_channels = super()._build_res5_block(cfg)
+        seq.add_module("norm", get_norm(cfg.MODEL.RESNETS.NORM, out_channels))
+        return seq, out_channels
 
 
 class _PaddedSimpleFeaturePyramid(SimpleFeaturePyramid):
@@ -120,9 +153,18 @@ def build_a2mim_timm_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
 
 
 def _register() -> None:
-    """Register the backbone builder once (detectron2's registry refuses a second one)."""
+    """Register the backbone builder and MoCo's ROI heads once (detectron2's registries refuse
+    a second registration; a class of that name registered by another script is kept)."""
     if build_a2mim_timm_backbone.__name__ not in BACKBONE_REGISTRY:
         BACKBONE_REGISTRY.register(build_a2mim_timm_backbone)
+    if Res5ROIHeadsExtraNorm.__name__ not in ROI_HEADS_REGISTRY:
+        ROI_HEADS_REGISTRY.register(Res5ROIHeadsExtraNorm)
+
+
+def effective_norm(spec: DetectorSpec, world_size: int) -> str:
+    """The normalisation the encoder is built with: ``sync_bn`` is plain ``bn`` in one
+    process (it computes the same), see `a2mim.detection.backbone.convert_norm`."""
+    return "bn" if spec.norm == "sync_bn" and world_size == 1 else spec.norm
 
 
 def detectron2_config(
@@ -133,10 +175,17 @@ def detectron2_config(
     world_size: int = 1,
 ) -> CfgNode:
     """The detectron2 config of ``spec`` (defaults from ``get_cfg()``, as in detectron2's
-    ``Base-RCNN-C4.yaml`` / ``Base-RCNN-FPN.yaml`` for the parts a spec does not set)."""
+    ``Base-RCNN-C4.yaml`` / ``Base-RCNN-FPN.yaml`` for the parts a spec does not set). It
+    describes the network as built: every layer trains (``FREEZE_AT: 0``), the encoder's
+    normalisation, MoCo's ``Res5ROIHeadsExtraNorm`` for C4 with ``extra_res5_norm``."""
     cfg = get_cfg()
     m = cfg.MODEL
     m.DEVICE = "cpu"  # the stage moves the model to its device
+    m.WEIGHTS = ""  # the encoder comes from MODEL.A2MIM.INIT; the rest is random
+    m.BACKBONE.FREEZE_AT = 0
+    # a plain ViT (sfp) has no BatchNorm: RESNETS.* does not apply, NORM "" says so
+    m.RESNETS.NORM = "" if spec.arch == "sfp" else _NORM_NAMES[effective_norm(spec, world_size)]
+    m.RESNETS.STRIDE_IN_1X1 = False  # timm / torchvision ResNets stride in the 3x3 conv
     m.META_ARCHITECTURE = "GeneralizedRCNN"
     m.MASK_ON = True
     m.PIXEL_MEAN = [255.0 * v for v in IMAGENET_MEAN]
@@ -169,7 +218,7 @@ def detectron2_config(
     if spec.arch == "c4":
         m.ANCHOR_GENERATOR.SIZES = [list(spec.anchor_sizes)]
         rpn.IN_FEATURES = ["res4"]
-        roi.NAME = "Res5ROIHeads"
+        roi.NAME = "Res5ROIHeadsExtraNorm" if spec.extra_res5_norm else "Res5ROIHeads"
         roi.IN_FEATURES = ["res4"]
         box.POOLER_RESOLUTION = 14
         mask.NUM_CONV = 0
@@ -199,34 +248,16 @@ def _res5_channels(spec: DetectorSpec) -> int:
     return int(model.feature_info[-1]["num_chs"])
 
 
-def resize_shortest_edge(
-    img_chw: torch.Tensor, target: Target | None, short: int, max_size: int
-) -> tuple[torch.Tensor, Target | None]:
-    """detectron2's ``ResizeShortestEdge`` on a tensor: the short side becomes ``short`` unless
-    the long side would pass ``max_size`` (sizes rounded as detectron2 does); bilinear image,
-    nearest-neighbour masks, boxes scaled by the same factors."""
-    h, w = img_chw.shape[-2:]
-    scale = short / min(h, w)
-    if max(h, w) * scale > max_size:
-        scale = max_size / max(h, w)
-    new_h, new_w = int(h * scale + 0.5), int(w * scale + 0.5)
-    if (new_h, new_w) == (h, w):
-        return img_chw, target
-    img = nn.functional.interpolate(
-        img_chw[None], size=(new_h, new_w), mode="bilinear", align_corners=False
-    )[0]
-    if target is None:
-        return img, None
-    out = dict(target)
-    factors = torch.tensor([new_w / w, new_h / h, new_w / w, new_h / h])
-    out["boxes"] = target["boxes"] * factors
-    masks = target["masks"]
-    if masks.shape[0]:
-        masks = nn.functional.interpolate(masks[None].float(), size=(new_h, new_w))[0]
-    else:
-        masks = masks.new_zeros((0, new_h, new_w))
-    out["masks"] = masks.to(torch.uint8)
-    return img, out
+def _gt_masks(target: Target, image_size: tuple[int, int]) -> PolygonMasks | BitMasks:
+    """``PolygonMasks`` when every instance has polygons (detectron2's COCO default: masks
+    rasterised per RoI from the polygons; the bitmaps are then not decoded at all), else
+    full-image ``BitMasks``."""
+    polygons = target.get("polygons")
+    if polygons is not None and all(p is not None for p in polygons):
+        return PolygonMasks(
+            [[np.asarray(p, dtype=np.float64) for p in polys] for polys in polygons]
+        )
+    return BitMasks(target["masks"].bool())
 
 
 class Detectron2MaskRCNN(nn.Module):
@@ -254,6 +285,39 @@ class Detectron2MaskRCNN(nn.Module):
         if spec.arch == "c4":
             self.net.roi_heads.res5 = c4_trunk(body, spec, world_size)
 
+    def config_yaml(self, solver: Mapping[str, Any]) -> str:
+        """The detectron2 config of this network with the run's solver filled in, as YAML.
+
+        ``solver``: ``lr`` (absolute, for ``ims_per_batch`` images per step), ``ims_per_batch``,
+        ``max_iter``, ``steps``, ``gamma``, ``warmup_iters``, ``warmup_factor``, ``momentum``,
+        ``weight_decay``, ``weight_decay_norm``, ``opt``, ``layer_decay``, ``grad_clip``,
+        ``amp`` (``none``, ``bf16``, ``fp16``) and ``precise_bn_iters`` (0: off)."""
+        cfg = self.cfg.clone()
+        sol = cfg.SOLVER
+        sol.BASE_LR = float(solver["lr"])
+        sol.IMS_PER_BATCH = int(solver["ims_per_batch"])
+        sol.MAX_ITER = int(solver["max_iter"])
+        sol.STEPS = tuple(int(s) for s in solver["steps"])
+        sol.GAMMA = float(solver["gamma"])
+        sol.WARMUP_ITERS = int(solver["warmup_iters"])
+        sol.WARMUP_FACTOR = float(solver["warmup_factor"])
+        sol.MOMENTUM = float(solver["momentum"])
+        sol.WEIGHT_DECAY = float(solver["weight_decay"])
+        sol.WEIGHT_DECAY_NORM = float(solver["weight_decay_norm"])
+        sol.OPTIMIZER = str(solver["opt"]).upper()  # not a detectron2 key: SGD or ADAMW
+        sol.LAYER_DECAY = solver.get("layer_decay")  # not a detectron2 key (ViTDet's lazy config)
+        clip = solver.get("grad_clip")
+        sol.CLIP_GRADIENTS.ENABLED = clip is not None
+        if clip is not None:
+            sol.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+            sol.CLIP_GRADIENTS.CLIP_VALUE = float(clip)
+        sol.AMP.ENABLED = solver.get("amp", "none") != "none"
+        sol.AMP.PRECISION = str(solver.get("amp", "none"))  # not a detectron2 key
+        iters = int(solver.get("precise_bn_iters", 0))
+        cfg.TEST.PRECISE_BN.ENABLED = iters > 0
+        cfg.TEST.PRECISE_BN.NUM_ITER = iters if iters > 0 else 200
+        return cfg.dump()
+
     def _batch(
         self, images: list[torch.Tensor], targets: list[Target] | None
     ) -> list[dict[str, Any]]:
@@ -268,7 +332,7 @@ class Detectron2MaskRCNN(nn.Module):
             else:
                 short, max_size = self.inputs.min_size_test, self.inputs.max_size_test
             target = None if targets is None else targets[i]
-            img, target = resize_shortest_edge(img_chw, target, short, max_size)
+            img, target = resize_shortest_edge(img_chw, target, short, max_size, self.inputs.resize)
             item: dict[str, Any] = {
                 "image": img * 255.0,
                 "height": img_chw.shape[-2],
@@ -278,7 +342,7 @@ class Detectron2MaskRCNN(nn.Module):
                 inst = Instances(tuple(img.shape[-2:]))
                 inst.gt_boxes = Boxes(target["boxes"])
                 inst.gt_classes = target["labels"] - 1  # detectron2 classes are 0..K-1
-                inst.gt_masks = BitMasks(target["masks"].bool())
+                inst.gt_masks = _gt_masks(target, tuple(img.shape[-2:]))
                 item["instances"] = inst
             batch.append(item)
         return batch
@@ -298,9 +362,9 @@ class Detectron2MaskRCNN(nn.Module):
         for out in outputs:
             inst = out["instances"]
             preds.append(
-                {
-                    "boxes": inst.pred_boxes.tensor,
-                    "scores": inst.scores,
+                {  # float32 whatever the autocast: bf16 scores tie and COCOeval ranks ties
+                    "boxes": inst.pred_boxes.tensor.float(),
+                    "scores": inst.scores.float(),
                     "labels": inst.pred_classes + 1,
                     "masks": inst.pred_masks.bool(),
                 }

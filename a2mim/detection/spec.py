@@ -72,12 +72,17 @@ class DetectorSpec:
 class Input:
     """Input resizing, as detectron2's ``ResizeShortestEdge``: the short side becomes a size
     drawn from ``min_size_train`` (one value: fixed) unless the long side would exceed
-    ``max_size_train``; evaluation uses ``min_size_test`` / ``max_size_test``."""
+    ``max_size_train``; evaluation uses ``min_size_test`` / ``max_size_test``.
+
+    ``resize``: ``pil`` (detectron2's pipeline: bilinear on the 8-bit image with antialiasing,
+    as PIL; `a2mim.detection.resize`) or ``float`` (bilinear on the float tensor without
+    antialiasing, torchvision's own transform; the toy recipes were measured with it)."""
 
     min_size_train: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
     max_size_train: int = 1333
     min_size_test: int = 800
     max_size_test: int = 1333
+    resize: Literal["pil", "float"] = "pil"
 
     @property
     def max_side(self) -> int:

@@ -5,18 +5,22 @@
 P6); ``sfp`` = the ViTDet simple feature pyramid (`SimpleFeaturePyramid`) on a ViT; ``c4`` =
 RoIAlign 14x14 on the stride-16 map, with the encoder's own last stage (+ global average pool)
 as the box head and the same stage as the mask head's trunk. torchvision's
-``GeneralizedRCNNTransform`` resizes (short side drawn from ``min_size_train`` with the global
-torch generator, so a caller that seeds it per step gets reproducible sizes), normalises with
-the ImageNet mean/std the encoders were pretrained with and pads to a multiple of 32.
+``GeneralizedRCNNTransform`` draws the short side from ``min_size_train`` with the global torch
+generator (so a caller that seeds it per step gets reproducible sizes) and pads to a multiple of
+32 (``fpn``, ``sfp``) or to the batch maximum only (``c4``, as detectron2's ResNet backbones);
+with ``input.resize: pil`` (default) the resize itself is detectron2's (`a2mim.detection.resize`:
+PIL-like bilinear on the 8-bit image, sizes rounded half up) instead of torchvision's float
+bilinear without antialiasing (``float``), and the ImageNet normalisation follows it.
 
 Differences from detectron2 with the same spec: torchvision's RoIAlign is the legacy
 ``aligned=False`` one (detectron2's ``ROIAlignV2`` is aligned), its box-regression losses are
-smooth-L1 with beta 1/9 (detectron2: L1), and it resizes images with bilinear interpolation of
-the float tensor (detectron2's data pipeline with PIL on uint8).
+smooth-L1 with beta 1/9 (detectron2: L1), and its mask head trains from full-image bitmaps
+(detectron2: COCO polygons rasterised per RoI).
 
 ``forward(images, targets)`` returns the loss dict in training mode; in eval mode it returns, per
 image, ``{"boxes": (N, 4) xyxy, "scores": (N,), "labels": (N,) in 1..K, "masks": (N, H, W)
-bool}`` at the input image's size.
+bool}`` at the input image's size, boxes and scores in float32 whatever the autocast (bf16
+scores tie, and COCOeval ranks ties arbitrarily).
 """
 
 from __future__ import annotations
@@ -31,14 +35,16 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from a2mim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from a2mim.detection.backbone import StagedBody, ViTBody, build_body, c4_trunk
+from a2mim.detection.resize import resize_shortest_edge
 from a2mim.detection.spec import DetectorSpec, Input
 
-__all__ = ["C4Head", "SimpleFeaturePyramid", "TorchvisionMaskRCNN"]
+__all__ = ["C4Head", "ShortestEdgeTransform", "SimpleFeaturePyramid", "TorchvisionMaskRCNN"]
 
 Target = dict[str, Any]
 _LEVELS = ("0", "1", "2", "3")  # torchvision's names for P2..P5; "pool" is P6
@@ -112,6 +118,22 @@ class SimpleFeaturePyramid(nn.Module):
         )
         out["pool"] = nn.functional.max_pool2d(out["3"], 1, 2, 0)
         return out
+
+
+class ShortestEdgeTransform(GeneralizedRCNNTransform):
+    """torchvision's detection transform with detectron2's resize (`resize_shortest_edge`) of
+    the ``[0, 1]`` image, normalised afterwards (torchvision normalises first, then resizes
+    the float image). The short side is drawn as torchvision draws it."""
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        return image  # after the resize, which works on the 8-bit values
+
+    def resize(
+        self, image: torch.Tensor, target: Target | None = None
+    ) -> tuple[torch.Tensor, Target | None]:
+        short = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
+        image, target = resize_shortest_edge(image, target, short, self.max_size)
+        return super().normalize(image), target
 
 
 class C4Head(nn.Module):
@@ -194,6 +216,15 @@ class TorchvisionMaskRCNN(nn.Module):
             box_detections_per_img=spec.detections_per_image,
             **heads,
         )
+        if inputs.resize == "pil":
+            self.net.transform = ShortestEdgeTransform(
+                inputs.min_size_train,
+                inputs.max_size_train,
+                list(IMAGENET_MEAN),
+                list(IMAGENET_STD),
+            )
+        if spec.arch == "c4":
+            self.net.transform.size_divisible = 1  # pad to the batch maximum only
         self._set_sizes(training=True)
 
     def _set_sizes(self, training: bool) -> None:
@@ -221,8 +252,8 @@ class TorchvisionMaskRCNN(nn.Module):
         outputs = self.net(images)
         return [
             {
-                "boxes": out["boxes"],
-                "scores": out["scores"],
+                "boxes": out["boxes"].float(),
+                "scores": out["scores"].float(),
                 "labels": out["labels"],
                 "masks": out["masks"][:, 0] > 0.5,
             }

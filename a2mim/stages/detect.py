@@ -27,8 +27,22 @@ state: restarting the same command resumes from ``checkpoint.pt`` (model, optimi
 scaler, step) and, on the CPU in deterministic mode, ends with the weights of an uninterrupted
 run.
 
+Data: ``data.root`` is a COCO 2017 folder (``annotations/instances_{train,val}2017.json``,
+``train2017/``, ``val2017/``; `a2mim.data.coco.validate_root` checks it before anything is
+built). Training boxes are clipped to the image and empty ones dropped, as detectron2's loader
+does; ``derived.empty_boxes`` counts them. ``sync_bn`` synchronises BatchNorm across CUDA
+processes; on the CPU (gloo cannot) each process keeps plain BatchNorm, with a warning
+(``derived.norm``). ``precise_bn_iters`` > 0 recomputes BatchNorm statistics before each
+evaluation over that many training batches, at most one per step done (MoCo's
+``TEST.PRECISE_BN``, 200). Evaluation runs in float32 whatever ``amp`` is.
+``deterministic`` null (default) means deterministic kernels on the CPU and fast ones on CUDA
+(torchvision's deterministic RoIAlign fallback is slow there); ``derived.deterministic``
+records the choice.
+
 The run directory holds ``resolved_config.yaml`` (``derived``: backend, lr, steps, classes, the
-init report), ``checkpoint.pt``, ``model.pt`` (detector weights + ``meta``; `load_detector`),
+init report; with detectron2 its own config of the network and solver,
+``derived.detectron2_config``, also written to ``detectron2_config.yaml`` at the end),
+``checkpoint.pt``, ``model.pt`` (detector weights + ``meta``; `load_detector`),
 ``metrics.jsonl`` (train lines per logged step, eval lines) and ``metrics.json`` (written last):
 ``ap_box``, ``ap50_box``, ``ap75_box``, ``ap_mask``, ``ap50_mask``, ``ap75_mask``,
 ``final_loss`` and ``backend``.
@@ -40,17 +54,21 @@ import bisect
 import contextlib
 import dataclasses
 import io
+import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import yaml
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
+from a2mim import atomic
 from a2mim.config import (
     ConfigError,
     OptimBase,
@@ -61,15 +79,23 @@ from a2mim.config import (
     from_dict,
     to_dict,
 )
-from a2mim.data.coco import CocoInstances, coco_evaluate, drop_crowd
+from a2mim.data.coco import (
+    CocoInstances,
+    clip_boxes,
+    coco_evaluate,
+    count_empty_boxes,
+    drop_crowd,
+    validate_root,
+)
 from a2mim.detection import DetectorSpec, Input, build_detector, resolve_backend
 from a2mim.detection.backbone import vit_layer_id
+from a2mim.detection.precise_bn import update_bn_stats
 from a2mim.train import checkpoint, engine
 from a2mim.train.classify import tracked_derived
 from a2mim.train.distributed import broadcast_buffers, world_info
 from a2mim.train.encoder import check_backbone
 from a2mim.train.rundir import init_tags, require_init
-from a2mim.train.sampling import mix_seed
+from a2mim.train.sampling import EpochSampler, mix_seed
 
 __all__ = [
     "DataConfig",
@@ -83,6 +109,7 @@ __all__ = [
     "run",
 ]
 
+log_ = logging.getLogger(__name__)
 Target = dict[str, Any]
 METRIC_NAMES = {"AP": "ap", "AP50": "ap50", "AP75": "ap75"}
 IOU_SUFFIX = {"bbox": "box", "segm": "mask"}
@@ -134,6 +161,8 @@ class DetectConfig(TransferRunConfig):
     solver: SolverConfig = field(default_factory=SolverConfig)
     backend: Literal["auto", "torchvision", "detectron2"] = "auto"
     batch_size: int = bounded(16, ge=1)  # images per process and micro-step
+    deterministic: bool | None = None  # null: true on the CPU, false on CUDA (fast RoIAlign)
+    precise_bn_iters: int = bounded(0, ge=0)  # > 0: MoCo's precise BN (200) before evaluations
     eval_every_steps: int | None = bounded(None, ge=1)  # null: evaluate at the end only
     ckpt_every_steps: int = bounded(1000, ge=1)
     log_every_steps: int = bounded(20, ge=1)
@@ -222,7 +251,7 @@ class FlippedInstances(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, Target]:
         epoch, i = key
         img_chw, target = self.dataset[self.indices[i]]
-        target = drop_crowd(target)
+        target, _ = clip_boxes(drop_crowd(target), *img_chw.shape[-2:])  # as detectron2
         gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, i))
         if float(torch.rand(1, generator=gen)) < self.p:
             img_chw, target = hflip(img_chw, target)
@@ -230,11 +259,25 @@ class FlippedInstances(Dataset):
 
 
 def hflip(img_chw: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
-    """Mirror an image and its boxes (``x1, y1, x2, y2``) and masks left-right."""
+    """Mirror an image and its boxes (``x1, y1, x2, y2``), masks and polygons left-right."""
     width = img_chw.shape[-1]
     boxes = target["boxes"].clone()
     boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
-    return img_chw.flip(-1), {**target, "boxes": boxes, "masks": target["masks"].flip(-1)}
+    out = {**target, "boxes": boxes}
+    if "masks" in target:
+        out["masks"] = target["masks"].flip(-1)
+    if target.get("polygons") is not None:
+        out["polygons"] = [
+            None if polys is None else [_flip_x(p, width) for p in polys]
+            for polys in target["polygons"]
+        ]
+    return img_chw.flip(-1), out
+
+
+def _flip_x(polygon: np.ndarray, width: int) -> np.ndarray:
+    flipped = polygon.copy()
+    flipped[0::2] = width - polygon[0::2]
+    return flipped
 
 
 def _collate(items: list[tuple[torch.Tensor, Target]]) -> tuple[list, list]:
@@ -437,9 +480,13 @@ def _vit_depth(model: nn.Module) -> int | None:
     return None
 
 
-def _open_datasets(cfg: DetectConfig) -> tuple[CocoInstances, CocoInstances]:
-    root = Path(cfg.data.root)
-    train = CocoInstances(root / cfg.data.train_ann, root / cfg.data.train_images)
+def _open_datasets(
+    cfg: DetectConfig, with_polygons: bool = False
+) -> tuple[CocoInstances, CocoInstances]:
+    d = cfg.data
+    root = Path(d.root)
+    validate_root(root, d.train_ann, d.train_images, d.val_ann, d.val_images)
+    train = CocoInstances(root / d.train_ann, root / d.train_images, with_polygons=with_polygons)
     val = CocoInstances(root / cfg.data.val_ann, root / cfg.data.val_images)
     if train.cat_ids != val.cat_ids:
         raise ValueError(
@@ -464,8 +511,10 @@ class DetectTask(engine.Task):
         cfg = self.cfg
         self.backend = resolve_backend(cfg.backend)
         require_init(cfg.init)
-        self.train_set, self.val_set = _open_datasets(cfg)
+        self.train_set, self.val_set = _open_datasets(cfg, self.backend == "detectron2")
         self.train_idx = trainable_indices(self.train_set, cfg.data.filter_empty)
+        self.empty_boxes = _count_empty_boxes(self.train_set, self.train_idx, self.ctx.rank)
+        self.norm_world, self.norm = _norm(cfg, self.ctx)
         global_batch = cfg.batch_size * self.ctx.world * accum_steps
         what = f"{cfg.data.root}/{cfg.data.train_ann} (trainable images)"
         per_epoch = engine.epoch_steps(len(self.train_idx), global_batch, what)
@@ -477,7 +526,7 @@ class DetectTask(engine.Task):
         self.lr = solver.scaled_lr(self.steps.global_batch)
         num_classes = len(self.train_set.cat_ids)
         model = build_detector(
-            self.backend, cfg.model, cfg.input, num_classes, cfg.init, world_size=self.ctx.world
+            self.backend, cfg.model, cfg.input, num_classes, cfg.init, world_size=self.norm_world
         )
         self.model = model.to(self.ctx.device)
         self.optimizer = build_optimizer(self.model, solver, self.lr, _vit_depth(self.model))
@@ -496,7 +545,17 @@ class DetectTask(engine.Task):
             "classes": list(self.train_set.class_names),
             "num_params": sum(p.numel() for p in self.model.parameters()),  # shared res5 once
             "init": self.model.init_report,
+            "empty_boxes": self.empty_boxes,
+            "norm": self.norm,
+            "deterministic": _deterministic(self.cfg, self.ctx.device),
+            "eval_precision": "fp32",
+            **({"detectron2_config": self._d2_config()} if self.backend == "detectron2" else {}),
         }
+
+    def _d2_config(self) -> dict[str, Any]:
+        """detectron2's config of the network and the solver (`Detectron2MaskRCNN.config_yaml`)."""
+        solver = solver_summary(self.cfg, self.lr, self.steps.global_batch)
+        return yaml.safe_load(self.model.config_yaml(solver))
 
     def hashed_config(self) -> DetectConfig:
         # the hash covers the resolved backend: "auto" must not resume under another library
@@ -509,7 +568,7 @@ class DetectTask(engine.Task):
         }
 
     def tracked(self, derived: dict[str, Any]) -> dict[str, Any]:
-        return tracked_derived(derived)
+        return tracked_derived({k: v for k, v in derived.items() if k != "detectron2_config"})
 
     def batches(self, step: int):
         return self.epoch_batches(step, self.flipped, len(self.train_idx), collate_fn=_collate)
@@ -548,16 +607,47 @@ class DetectTask(engine.Task):
         return bool(every) and done % every == 0
 
     def evaluate(self, done: int) -> dict[str, float]:
-        broadcast_buffers(self.model)  # every rank evaluates with rank 0's BatchNorm statistics
         cfg = self.cfg
+        if cfg.precise_bn_iters and done > 0:
+            self._precise_bn(done)
+        broadcast_buffers(self.model)  # every rank evaluates with rank 0's BatchNorm statistics
+        # float32: bf16 scores take ~20 distinct values per 100 and COCOeval ranks ties
         return evaluate_detector(
-            self.model,
-            self.val_set,
-            self.ctx.device,
-            cfg.data.eval_batch_size,
-            cfg.data.val_limit,
-            self.ctx.amp_dtype,
+            self.model, self.val_set, self.ctx.device, cfg.data.eval_batch_size, cfg.data.val_limit
         )
+
+    def _precise_bn(self, done: int) -> None:
+        """MoCo's precise BN: BatchNorm statistics recomputed over ``precise_bn_iters``
+        training batches (at most ``done``; a fixed draw per evaluation step) with the current
+        weights. SyncBatchNorm synchronises them across processes in the forward."""
+        cfg, ctx = self.cfg, self.ctx
+        seed = mix_seed(cfg.seed, 2, done)
+        global_batch = cfg.batch_size * ctx.world
+        usable = (len(self.flipped) // global_batch) * global_batch
+        sampler = EpochSampler(
+            len(self.flipped), seed, 0, rank=ctx.rank, world_size=ctx.world, usable=usable
+        )
+        loader = DataLoader(
+            self.flipped,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            num_workers=cfg.data.num_workers,
+            collate_fn=_collate,
+            drop_last=True,
+        )
+        torch.manual_seed(mix_seed(seed, ctx.rank))  # resize draws, RPN / RoI sampling
+
+        def forward(batch: tuple[list, list]) -> None:
+            images, targets = batch
+            images = [img.to(ctx.device) for img in images]
+            targets = [{k: _to(v, ctx.device) for k, v in t.items()} for t in targets]
+            with ctx.autocast():
+                self.model(images, targets)
+
+        # at most one batch per training step done: a 1-step smoke run does 1 (MoCo: 200 of 180k)
+        num_iter = min(cfg.precise_bn_iters, done)
+        repeats = math.ceil(num_iter / max(len(loader), 1))
+        update_bn_stats(self.model, (b for _ in range(repeats) for b in loader), num_iter, forward)
 
     def final_metrics(self, last_eval, last_log) -> dict[str, Any]:
         metrics: dict[str, Any] = {k: v for k, v in last_eval.items() if k != "detections"}
@@ -583,7 +673,64 @@ class DetectTask(engine.Task):
         }
         saved = {"state_dict": self.model.state_dict(), "meta": meta}
         checkpoint.atomic_save(saved, self.ctx.out / "model.pt")
-        return []
+        if self.backend != "detectron2":
+            return []
+        d2_file = self.ctx.out / "detectron2_config.yaml"
+        atomic.write_text(d2_file, yaml.safe_dump(self._d2_config(), sort_keys=True))
+        return [(d2_file, None)]
+
+
+def solver_summary(cfg: DetectConfig, lr: float, ims_per_batch: int) -> dict[str, Any]:
+    """The solver as `Detectron2MaskRCNN.config_yaml` records it (``lr``: the scaled lr for
+    ``ims_per_batch`` images per optimizer step)."""
+    return {
+        **to_dict(cfg.solver),
+        "lr": lr,
+        "ims_per_batch": ims_per_batch,
+        "amp": cfg.amp,
+        "precise_bn_iters": cfg.precise_bn_iters,
+    }
+
+
+def _deterministic(cfg: DetectConfig, device: torch.device) -> bool:
+    """``deterministic`` null: deterministic kernels on the CPU, fast ones on CUDA."""
+    return device.type == "cpu" if cfg.deterministic is None else cfg.deterministic
+
+
+def _count_empty_boxes(dataset: CocoInstances, indices: list[int], rank: int) -> dict[str, int]:
+    """`count_empty_boxes` over the training images, with a warning (rank 0) when any."""
+    empty = count_empty_boxes(
+        dataset.coco, [dataset.ids[i] for i in indices], dataset.skipped_ann_ids
+    )
+    if empty["empty_boxes"] and rank == 0:
+        log_.warning(
+            "%s: %d of %d training boxes are empty after clipping to the image (width or "
+            "height <= 1e-5, in %d images) and are dropped, as detectron2's loader does",
+            dataset.ann_file,
+            empty["empty_boxes"],
+            empty["annotations"],
+            empty["images_affected"],
+        )
+    return empty
+
+
+def _norm(cfg: DetectConfig, ctx: engine.Context) -> tuple[int, str]:
+    """``(processes BatchNorm synchronises over, the normalisation as built)``: SyncBatchNorm
+    needs CUDA, so CPU processes keep plain BatchNorm (a warning says so)."""
+    norm_world = ctx.world if ctx.device.type == "cuda" else 1
+    norm = cfg.model.norm
+    if cfg.model.arch == "sfp":
+        norm = "layernorm (ViT: model.norm does not apply)"
+    elif norm == "sync_bn" and norm_world == 1:  # what convert_norm builds
+        norm = "bn (sync_bn needs CUDA)" if ctx.world > 1 else "bn (sync_bn in one process)"
+    if norm == "bn (sync_bn needs CUDA)" and ctx.rank == 0:
+        log_.warning(
+            "model.norm sync_bn: SyncBatchNorm needs CUDA; on the CPU each of the %d processes "
+            "normalises over its own %d images (plain BatchNorm)",
+            ctx.world,
+            cfg.batch_size,
+        )
+    return norm_world, norm
 
 
 def _to(value: Any, device: torch.device) -> Any:

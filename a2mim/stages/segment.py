@@ -52,7 +52,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJac
 
 from a2mim import atomic
 from a2mim.config import ConfigError, OptimBase, TransferRunConfig, bounded, from_dict
-from a2mim.data.ade import ADE20KSegmentation
+from a2mim.data.ade import ADE20KSegmentation, validate_root
 from a2mim.data.seg_transforms import SegTrainTransform, eval_input
 from a2mim.models.upernet import (
     UperNetSegmenter,
@@ -112,8 +112,11 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     """An ADE20K-layout folder (`a2mim.data.ade`) and mmseg's pipeline (`a2mim.data.seg_transforms`;
-    ``img_scale`` is ``(long, short)``, also the test size). ``reduce_zero_label``: raw 0 is
-    ignored and 1..K become 0..K-1 (ADE20K; the toy scenes too, with ``num_classes: 11``)."""
+    ``img_scale`` is ``(long, short)``, also the test size). The label convention is explicit
+    and checked against a sample of the label files before training (`a2mim.data.ade.validate_root`):
+    ``reduce_zero_label: true`` (ADE20K; the toy scenes too, with ``num_classes: 11``): raw 0 is
+    ignored and 1..K are the classes; ``false``: raw 0..K-1 are the classes and ``ignore_index``
+    is void. ``num_classes`` is K."""
 
     root: str = "data/ade20k/ADEChallengeData2016"
     split: str = "training"
@@ -177,7 +180,7 @@ class SegmentConfig(TransferRunConfig):
     eval: EvalConfig = field(default_factory=EvalConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: SegmentOptimConfig = field(default_factory=SegmentOptimConfig)
-    iters: int = bounded(160_000, ge=1)
+    iters: int = bounded(160_000, ge=0)  # 0: the untrained network evaluated (a baseline)
     batch_size: int = bounded(16, ge=1)  # per process and micro-step
     sync_bn: bool = True  # SyncBatchNorm across ranks (CUDA, world_size > 1), as mmseg
     ckpt_every_steps: int = bounded(2000, ge=1)
@@ -194,7 +197,7 @@ def load_config(data: dict[str, Any], where: str = "config") -> SegmentConfig:
             f"{where}: batch_size must be >= 2 (BatchNorm in the heads, and the 1x1 pyramid "
             f"pooling level, need more than one value per channel), got {cfg.batch_size}"
         )
-    if not 0 <= cfg.optim.warmup_iters < cfg.iters:
+    if cfg.iters and not 0 <= cfg.optim.warmup_iters < cfg.iters:
         raise ConfigError(
             f"{where}: optim.warmup_iters must be in [0, iters={cfg.iters}), got "
             f"{cfg.optim.warmup_iters}"
@@ -276,7 +279,7 @@ def build_scheduler(
     group's ``lr_scale``)."""
     return PolyLRScheduler(
         optimizer,
-        t_initial=total_steps - cfg.warmup_iters,
+        t_initial=max(total_steps - cfg.warmup_iters, 1),  # iters 0: never stepped
         power=cfg.power,
         lr_min=cfg.min_lr,
         warmup_t=cfg.warmup_iters,
@@ -449,6 +452,9 @@ class SegmentTask(engine.Task):
     def prepare(self, accum_steps: int) -> engine.Steps:
         cfg, d, ctx = self.cfg, self.cfg.data, self.ctx
         require_init(cfg.init)
+        self.label_scan = validate_root(
+            d.root, d.num_classes, d.reduce_zero_label, d.ignore_index, (d.split, d.val_split)
+        )
         ade = {
             "reduce_zero_label": d.reduce_zero_label,
             "num_classes": d.num_classes,
@@ -494,6 +500,7 @@ class SegmentTask(engine.Task):
             "num_images": len(self.train_set),
             "num_val_images": len(self.val_set),
             "num_classes": self.cfg.data.num_classes,
+            "labels": {"reduce_zero_label": self.cfg.data.reduce_zero_label, **self.label_scan},
             "out_indices": list(model.out_indices),
             "in_channels": list(model.in_channels),
             "strides": list(model.strides),

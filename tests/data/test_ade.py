@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from a2mim.data.ade import ADE20KSegmentation, reduce_zero_label
+from a2mim.config import ConfigError
+from a2mim.data.ade import ADE20KSegmentation, AdeLayoutError, reduce_zero_label, validate_root
 
 
 def _write_pair(
@@ -128,3 +129,45 @@ def test_bad_arguments_and_layout(tmp_path: Path) -> None:
         ADE20KSegmentation(tmp_path, num_classes=255)
     with pytest.raises(FileNotFoundError, match="images"):
         ADE20KSegmentation(tmp_path)
+
+
+def _both_splits(root: Path, label_hw: np.ndarray, n: int = 3) -> None:
+    for split in ("training", "validation"):
+        for i in range(n):
+            _write_pair(root, f"{split[0]}{i}", label_hw, split=split)
+
+
+def test_validate_root_accepts_the_ade_layout_and_reports_the_scan(tmp_path: Path) -> None:
+    _both_splits(tmp_path, RAW_HW)
+    scan = validate_root(tmp_path, num_classes=150)
+    assert scan["label_files_scanned"] == 6 and scan["values_seen"] == [0, 150]
+    assert issubclass(AdeLayoutError, ConfigError)
+
+
+def test_validate_root_names_the_layout(tmp_path: Path) -> None:
+    with pytest.raises(AdeLayoutError, match=r"not a folder; expected images/training"):
+        validate_root(tmp_path / "nowhere", num_classes=150)
+    _write_pair(tmp_path, "a", RAW_HW)  # training only
+    with pytest.raises(AdeLayoutError, match=r"missing folder .*images/validation.*ADEChallenge"):
+        validate_root(tmp_path, num_classes=150)
+    _write_pair(tmp_path, "b", RAW_HW, split="validation")
+    (tmp_path / "annotations" / "validation" / "b.png").unlink()
+    with pytest.raises(AdeLayoutError, match=r"b\.jpg has no label .*b\.png"):
+        validate_root(tmp_path, num_classes=150)
+
+
+def test_validate_root_tells_the_label_conventions_apart(tmp_path: Path) -> None:
+    """0..K-1 + void 255 read with the ADE convention, and ADE labels read as 0..K-1: each is
+    refused with the setting that fixes it; the right setting passes."""
+    void = tmp_path / "void"
+    _both_splits(void, np.array([[0, 1, 255], [9, 3, 255]]))
+    with pytest.raises(AdeLayoutError, match=r"set data\.reduce_zero_label: false"):
+        validate_root(void, num_classes=10)
+    assert validate_root(void, num_classes=10, reduce_zero_label=False)["ignore_seen"]
+    ade = tmp_path / "ade"
+    _both_splits(ade, np.array([[0, 1, 10], [9, 3, 0]]))
+    with pytest.raises(AdeLayoutError, match=r"set data\.reduce_zero_label: true"):
+        validate_root(ade, num_classes=10, reduce_zero_label=False)
+    assert validate_root(ade, num_classes=10)["values_seen"] == [0, 10]
+    with pytest.raises(AdeLayoutError, match=r"values \[10\] .*set data\.num_classes"):
+        validate_root(ade, num_classes=9)

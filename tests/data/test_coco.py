@@ -13,13 +13,18 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
+from a2mim.config import ConfigError
 from a2mim.data.coco import (
     CocoFormatError,
     CocoInstances,
+    CocoLayoutError,
+    clip_boxes,
     coco_evaluate,
+    count_empty_boxes,
     drop_crowd,
     segmentation_to_mask,
     segmentation_to_rle,
+    validate_root,
 )
 from a2mim.data.scenes import SceneComposer, make_scenes, scene_rng
 
@@ -54,7 +59,7 @@ def scene_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _dataset(scene_root: Path, mask_format: str) -> CocoInstances:
     root = scene_root / mask_format / "coco"
-    return CocoInstances(root / "annotations" / "instances_train.json", root / "train")
+    return CocoInstances(root / "annotations" / "instances_train2017.json", root / "train2017")
 
 
 def _naive_uncompressed_rle(mask_hw: np.ndarray) -> list[int]:
@@ -128,7 +133,7 @@ def test_masks_equal_pasted_silhouettes(scene_root: Path) -> None:
     for index in range(N_TRAIN):
         scene = composer.compose(scene_rng(SEED, "train", index))
         png_hwc = np.asarray(
-            Image.open(scene_root / "rle" / "coco" / "train" / f"{index + 1:06d}.png")
+            Image.open(scene_root / "rle" / "coco" / "train2017" / f"{index + 1:06d}.png")
         )
         np.testing.assert_array_equal(png_hwc, scene.image_hwc)
         union_hw = scene.masks_nhw.any(axis=0)
@@ -162,7 +167,7 @@ def test_segmentation_to_mask_polygon_and_rle_forms() -> None:
 
 def test_uncompressed_rle_and_crowd(scene_root: Path, tmp_path: Path) -> None:
     source = scene_root / "rle" / "coco"
-    data = json.loads((source / "annotations" / "instances_train.json").read_text())
+    data = json.loads((source / "annotations" / "instances_train2017.json").read_text())
     reference = _dataset(scene_root, "rle")
     ann = data["annotations"][0]
     crowd_mask_hw = reference.load_target(ann["image_id"])["masks"][0].numpy()
@@ -173,7 +178,7 @@ def test_uncompressed_rle_and_crowd(scene_root: Path, tmp_path: Path) -> None:
     ann["iscrowd"] = 1
     ann_file = tmp_path / "crowd.json"
     ann_file.write_text(json.dumps(data))
-    dataset = CocoInstances(ann_file, source / "train")
+    dataset = CocoInstances(ann_file, source / "train2017")
     _, target = dataset[dataset.ids.index(ann["image_id"])]
     np.testing.assert_array_equal(target["masks"][0].numpy(), crowd_mask_hw)
     assert target["iscrowd"][0] == 1
@@ -187,14 +192,14 @@ def test_uncompressed_rle_and_crowd(scene_root: Path, tmp_path: Path) -> None:
 
 def test_degenerate_polygons_are_dropped(scene_root: Path, tmp_path: Path) -> None:
     source = scene_root / "polygon" / "coco"
-    data = json.loads((source / "annotations" / "instances_train.json").read_text())
+    data = json.loads((source / "annotations" / "instances_train2017.json").read_text())
     reference = _dataset(scene_root, "polygon")
     first, second = data["annotations"][0], data["annotations"][1]
     first["segmentation"].append([1.0, 2.0, 3.0, 4.0])  # 2 points: a line, not a polygon
     second["segmentation"] = [[5.0, 5.0, 9.0, 9.0]]
     ann_file = _write(tmp_path / "degenerate.json", data)
     with pytest.warns(UserWarning, match=r"1 annotation\(s\) have only degenerate"):
-        dataset = CocoInstances(ann_file, source / "train")
+        dataset = CocoInstances(ann_file, source / "train2017")
     assert dataset.skipped_ann_ids == [second["id"]]
     _, target = dataset[dataset.ids.index(first["image_id"])]
     _, expected = reference[reference.ids.index(first["image_id"])]
@@ -211,8 +216,10 @@ def test_transforms_are_applied(scene_root: Path) -> None:
     def flip(img_chw: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
         return img_chw.flip(-1), {**target, "masks": target["masks"].flip(-1)}
 
-    plain = CocoInstances(root / "annotations" / "instances_train.json", root / "train")
-    flipped = CocoInstances(root / "annotations" / "instances_train.json", root / "train", flip)
+    plain = CocoInstances(root / "annotations" / "instances_train2017.json", root / "train2017")
+    flipped = CocoInstances(
+        root / "annotations" / "instances_train2017.json", root / "train2017", flip
+    )
     assert torch.equal(flipped[0][0], plain[0][0].flip(-1))
     assert torch.equal(flipped[0][1]["masks"], plain[0][1]["masks"].flip(-1))
 
@@ -255,8 +262,8 @@ def test_real_labelme_annotations() -> None:
 def _copy_set(scene_root: Path, tmp_path: Path) -> tuple[Path, Path, dict]:
     source = scene_root / "polygon" / "coco"
     image_root = tmp_path / "images"
-    shutil.copytree(source / "train", image_root)
-    data = json.loads((source / "annotations" / "instances_train.json").read_text())
+    shutil.copytree(source / "train2017", image_root)
+    data = json.loads((source / "annotations" / "instances_train2017.json").read_text())
     return tmp_path / "instances.json", image_root, data
 
 
@@ -423,3 +430,73 @@ def test_evaluate_rejects_unknown_ids(tmp_path: Path) -> None:
         coco_evaluate(ann_file, [{**good, "image_id": 9}], ("bbox",))
     with pytest.raises(ValueError, match="segmentation"):
         coco_evaluate(ann_file, [good], ("segm",))
+
+
+# ----------------------------------------------------------------------------- layout, boxes
+
+
+def test_validate_root_accepts_coco2017_and_names_the_layout(
+    scene_root: Path, tmp_path: Path
+) -> None:
+    root = scene_root / "polygon" / "coco"  # the scenes write the COCO 2017 layout
+    summary = validate_root(root)
+    assert summary["val_images"] == 2 and summary["categories"] == 10
+    assert issubclass(CocoLayoutError, ConfigError)
+    with pytest.raises(CocoLayoutError, match=r"not a folder; expected the COCO 2017 layout"):
+        validate_root(tmp_path / "nowhere")
+    broken = tmp_path / "coco"
+    shutil.copytree(root, broken)
+    (broken / "annotations" / "instances_train2017.json").unlink()
+    with pytest.raises(
+        CocoLayoutError, match=r"missing annotations/instances_train2017\.json; expected"
+    ):
+        validate_root(broken)
+    shutil.copy(root / "annotations" / "instances_train2017.json", broken / "annotations")
+    first = json.loads((root / "annotations" / "instances_val2017.json").read_text())["images"][0]
+    image = broken / "val2017" / first["file_name"]
+    Image.open(image).resize((7, 5)).save(image)
+    with pytest.raises(CocoLayoutError, match=r"is 7x5 \(WxH\) but .* declares"):
+        validate_root(broken)
+    image.unlink()
+    with pytest.raises(CocoLayoutError, match=r"first image .* is not in"):
+        validate_root(broken)
+
+
+def test_clip_boxes_drops_empty_boxes_as_detectron2() -> None:
+    target = {
+        "boxes": torch.tensor(
+            [[2.0, 3.0, 8.0, 9.0], [5.0, 1.0, 5.0, 4.0], [-3.0, 2.0, 12.0, 2.0], [8.0, 8, 15, 20]]
+        ),
+        "labels": torch.tensor([1, 2, 3, 4]),
+        "masks": torch.zeros(4, 10, 10, dtype=torch.uint8),
+        "iscrowd": torch.zeros(4, dtype=torch.int64),
+        "polygons": [[np.zeros(6)], None, [np.ones(6)], [np.full(6, 2.0)]],
+    }
+    kept, dropped = clip_boxes(target, height=10, width=10)
+    assert dropped == 2  # zero width, zero height
+    assert kept["boxes"].tolist() == [[2.0, 3.0, 8.0, 9.0], [8.0, 8.0, 10.0, 10.0]]
+    assert kept["labels"].tolist() == [1, 4] and kept["masks"].shape == (2, 10, 10)
+    assert [p[0][0] for p in kept["polygons"]] == [0.0, 2.0]
+    same, none = clip_boxes(kept, height=10, width=10)
+    assert none == 0 and torch.equal(same["boxes"], kept["boxes"])
+
+
+def test_count_empty_boxes_and_polygon_targets(scene_root: Path, tmp_path: Path) -> None:
+    source = scene_root / "polygon" / "coco"
+    data = json.loads((source / "annotations" / "instances_train2017.json").read_text())
+    data["annotations"][0]["bbox"][2] = 0.0  # zero width, as in COCO train2017
+    data["annotations"][1]["bbox"][3] = 0.0  # zero height
+    ann_file = _write(tmp_path / "instances.json", data)
+    dataset = CocoInstances(ann_file, source / "train2017", with_polygons=True)
+    counts = count_empty_boxes(dataset.coco, dataset.ids)
+    assert counts == {
+        "annotations": len(data["annotations"]),
+        "empty_boxes": 2,
+        "images_affected": len({a["image_id"] for a in data["annotations"][:2]}),
+    }
+    _, target = dataset[0]
+    polygons = target["polygons"]
+    assert len(polygons) == len(target["labels"]) and all(len(p) >= 1 for p in polygons)
+    assert polygons[0][0].dtype == np.float64
+    assert "masks" not in target  # every instance has polygons: no bitmap decoded
+    assert "polygons" not in _dataset(scene_root, "polygon")[0][1]

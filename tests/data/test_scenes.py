@@ -159,11 +159,11 @@ def test_counts_and_manifest(scene_set: tuple[Path, dict]) -> None:
         ("train", "training", SMALL["n_train"]),
         ("val", "validation", SMALL["n_val"]),
     ):
-        assert len(list((out_dir / "coco" / split).glob("*.png"))) == n_images
+        assert len(list((out_dir / "coco" / f"{split}2017").glob("*.png"))) == n_images
         assert len(list((out_dir / "ade" / "images" / ade_split).glob("*.jpg"))) == n_images
         assert len(list((out_dir / "ade" / "annotations" / ade_split).glob("*.png"))) == n_images
         coco = json.loads(
-            (out_dir / "coco" / "annotations" / f"instances_{split}.json").read_text()
+            (out_dir / "coco" / "annotations" / f"instances_{split}2017.json").read_text()
         )
         assert [c["id"] for c in coco["categories"]] == list(range(1, 11))
         assert [c["name"] for c in coco["categories"]] == list(FASHION_MNIST_CLASSES)
@@ -184,7 +184,7 @@ def test_counts_and_manifest(scene_set: tuple[Path, dict]) -> None:
 def test_ade_labels_agree_with_coco_masks(scene_set: tuple[Path, dict]) -> None:
     out_dir, _ = scene_set
     coco = CocoInstances(
-        out_dir / "coco" / "annotations" / "instances_val.json", out_dir / "coco" / "val"
+        out_dir / "coco" / "annotations" / "instances_val2017.json", out_dir / "coco" / "val2017"
     )
     ade = ADE20KSegmentation(out_dir / "ade", "validation", num_classes=ADE_NUM_CLASSES)
     assert len(ade) == len(coco) == SMALL["n_val"]
@@ -215,12 +215,15 @@ def test_same_seed_same_bytes_and_prefix_stability(
     assert again == manifest
     assert _tree(tmp_path / "again") == _tree(out_dir)
     other = make_scenes(tmp_path / "other", **{**SMALL, "seed": SMALL["seed"] + 1})
-    assert other["files"]["coco/train/000001.png"] != manifest["files"]["coco/train/000001.png"]
+    assert (
+        other["files"]["coco/train2017/000001.png"]
+        != manifest["files"]["coco/train2017/000001.png"]
+    )
     # Scene i depends on (seed, split, i) only: a shorter set is a prefix of a longer one.
     shorter = make_scenes(tmp_path / "short", **{**SMALL, "n_train": 2})
     for name in (
-        "coco/train/000001.png",
-        "coco/train/000002.png",
+        "coco/train2017/000001.png",
+        "coco/train2017/000002.png",
         "ade/images/training/000002.jpg",
     ):
         assert shorter["files"][name] == manifest["files"][name]
@@ -238,7 +241,7 @@ def test_atomic_write_and_overwrite(tmp_path: Path) -> None:
         make_scenes(out_dir, **small)
     manifest = make_scenes(out_dir, **{**small, "n_train": 2}, overwrite=True)
     assert manifest["splits"]["train"]["images"] == 2
-    assert len(list((out_dir / "coco" / "train").iterdir())) == 2
+    assert len(list((out_dir / "coco" / "train2017").iterdir())) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
 
 

@@ -8,7 +8,9 @@ backend (skipped unless detectron2 is importable)."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -20,7 +22,13 @@ from a2mim import cli, recipes
 from a2mim.config import ConfigError
 from a2mim.data.coco import CocoInstances
 from a2mim.data.scenes import make_scenes
-from a2mim.detection import DETECTRON2_INSTALL, detectron2_available, resolve_backend
+from a2mim.detection import (
+    DETECTRON2_INSTALL,
+    BackendUnavailable,
+    check_backend,
+    detectron2_available,
+    resolve_backend,
+)
 from a2mim.detection.backbone import (
     RelativePositionBias,
     StagedBody,
@@ -30,7 +38,9 @@ from a2mim.detection.backbone import (
     create_encoder,
     vit_layer_id,
 )
+from a2mim.detection.precise_bn import update_bn_stats
 from a2mim.detection.spec import DetectorSpec
+from a2mim.detection.torchvision_backend import TorchvisionMaskRCNN
 from a2mim.stages import detect
 from a2mim.train import checkpoint
 
@@ -80,11 +90,7 @@ def _cfg(root, **over) -> dict:
             "max_size_test": 96,
         },
         "data": {
-            "root": str(root),
-            "train_ann": "coco/annotations/instances_train.json",
-            "train_images": "coco/train",
-            "val_ann": "coco/annotations/instances_val.json",
-            "val_images": "coco/val",
+            "root": str(root / "coco"),  # a COCO 2017 layout: no path keys
             "val_limit": 3,
         },
         "solver": {
@@ -317,7 +323,7 @@ class _Oracle(torch.nn.Module):
 
 
 def test_evaluate_detector_with_an_oracle(scenes):
-    val = CocoInstances(scenes / "coco/annotations/instances_val.json", scenes / "coco/val")
+    val = CocoInstances(scenes / "coco/annotations/instances_val2017.json", scenes / "coco/val2017")
     oracle = _Oracle(val)
     full = detect.evaluate_detector(oracle, val, torch.device("cpu"), batch_size=4)
     for key in ("ap_box", "ap50_box", "ap75_box", "ap_mask", "ap50_mask", "ap75_mask"):
@@ -376,13 +382,15 @@ def test_run_writes_metrics_and_model(scenes, tmp_path):
     assert keys <= set(saved) and all(0.0 <= saved[k] <= 100.0 for k in keys)
     derived = yaml.safe_load((out / "resolved_config.yaml").read_text())["derived"]
     assert derived["backend"] == "torchvision" and derived["init"]["loaded"] == len(weights)
+    assert derived["deterministic"] is True  # null: deterministic on the CPU
+    assert derived["eval_precision"] == "fp32" and derived["norm"] == "frozen_bn"
     # frozen BN: the pretrained statistics are still those of the encoder
     model, meta = detect.load_detector(out / "model.pt")
     body = model.net.backbone.body.encoder
     torch.testing.assert_close(body.bn1.running_var, weights["bn1.running_var"])
     assert meta["backend"] == "torchvision" and meta["init"] == str(path)
     # the reloaded model reproduces the run's evaluation
-    val = CocoInstances(scenes / "coco/annotations/instances_val.json", scenes / "coco/val")
+    val = CocoInstances(scenes / "coco/annotations/instances_val2017.json", scenes / "coco/val2017")
     again = detect.evaluate_detector(model, val, torch.device("cpu"), limit=3)
     assert {k: again[k] for k in keys} == pytest.approx({k: metrics[k] for k in keys})
 
@@ -435,6 +443,9 @@ def test_cli_without_detectron2_says_how_to_install(scenes, tmp_path, capsys):
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
     assert resolve_backend("auto") == "torchvision"
     assert "setuptools<82" in DETECTRON2_INSTALL
+    with pytest.raises(BackendUnavailable, match=r"set: \{backend: torchvision\}"):
+        check_backend("detectron2")  # the pre-flight check names the switch
+    assert check_backend("torchvision") == "torchvision"
 
 
 @pytest.mark.slow
@@ -445,7 +456,7 @@ def test_tiny_recipe_beats_untrained(tmp_path):
     make_scenes(root, n_train=400, n_val=100, img_size=128, seed=0)
     data = yaml.safe_load(recipes.resolve("detect", "tiny").read_text())
     data.update(progress=False, track=False)
-    data["data"]["root"] = str(root)
+    data["data"]["root"] = str(root / "coco")
     trained = detect.run(detect.load_config(data), tmp_path / "trained")
     data["solver"]["max_iter"] = 0
     untrained = detect.run(detect.load_config(data), tmp_path / "untrained")
@@ -477,6 +488,8 @@ def test_detectron2_architectures_train_and_evaluate(d2, scenes, tmp_path, model
     metrics = detect.run(cfg, tmp_path)
     assert metrics["backend"] == "detectron2"  # auto picks detectron2 when it is importable
     assert all(np.isfinite(metrics[k]) for k in ("ap_box", "ap_mask", "final_loss"))
+    d2cfg = yaml.safe_load((tmp_path / "detectron2_config.yaml").read_text())
+    assert d2cfg["MODEL"]["BACKBONE"]["FREEZE_AT"] == 0 and d2cfg["SOLVER"]["MAX_ITER"] == 2
 
 
 def test_detectron2_c4_head_is_the_pretrained_res5(d2, tmp_path):
@@ -504,3 +517,221 @@ def test_detectron2_resume_is_bit_identical(d2, scenes, tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert full == resumed
+
+
+# ----------------------------------------------------------------------------- issue 13 items 10-12
+
+
+def _scenes_with_empty_boxes(scenes, tmp_path):
+    """A copy of the scenes' COCO root whose first training boxes have zero width / height or
+    lie outside the image (COCO train2017 has such boxes)."""
+    root = tmp_path / "coco"
+    shutil.copytree(scenes / "coco", root)
+    ann_file = root / "annotations" / "instances_train2017.json"
+    data = json.loads(ann_file.read_text())
+    anns = data["annotations"]
+    anns[0]["bbox"][2] = 0.0
+    anns[1]["bbox"][3] = 0.0
+    width = data["images"][0]["width"]
+    anns[2]["bbox"] = [width + 5.0, 3.0, 4.0, 4.0]  # outside: empty once clipped
+    ann_file.write_text(json.dumps(data))
+    return root
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "detectron2"])
+def test_empty_boxes_are_dropped_counted_and_train(scenes, tmp_path, backend):
+    if backend == "detectron2":
+        pytest.importorskip("detectron2")
+    root = _scenes_with_empty_boxes(scenes, tmp_path)
+    data = _cfg(scenes, backend=backend, model={"arch": "c4"}, solver={"max_iter": 2})
+    data["data"]["root"] = str(root)
+    cfg = detect.load_config(data)
+    dataset = detect.FlippedInstances(
+        CocoInstances(
+            root / "annotations/instances_train2017.json", root / "train2017", with_polygons=True
+        ),
+        list(range(3)),
+        0.0,
+        0,
+    )
+    for i in range(3):
+        img, target = dataset[(0, i)]
+        boxes = target["boxes"]
+        assert (boxes[:, 2] - boxes[:, 0] > 0).all() and (boxes[:, 3] - boxes[:, 1] > 0).all()
+        assert len(target["polygons"]) == len(boxes) == len(target["labels"])
+        assert "masks" not in target  # polygons only: the bitmaps are never decoded
+        assert (boxes[:, 0::2] <= img.shape[-1]).all()
+    metrics = detect.run(cfg, tmp_path / "run")
+    assert np.isfinite(metrics["final_loss"])
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(v) for r in rows if "loss" in r for k, v in r.items() if "loss" in k)
+    derived = yaml.safe_load((tmp_path / "run" / "resolved_config.yaml").read_text())["derived"]
+    assert derived["empty_boxes"]["empty_boxes"] == 3
+
+
+@pytest.mark.slow  # two torchrun processes: ~35 s on 2 shared cores
+def test_sync_bn_on_cpu_processes_falls_back_to_bn(scenes, tmp_path):
+    """``norm: sync_bn`` (the R50-C4 default) with 2 CPU processes: plain BatchNorm per process,
+    recorded, instead of "SyncBatchNorm layers only work with GPU modules"."""
+    import socket
+    import subprocess
+    import sys
+
+    data = _cfg(scenes, model={"arch": "c4", "norm": "sync_bn"}, solver={"max_iter": 1})
+    data.update(batch_size=1, device="cpu")
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(data))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "a2mim.cli"]
+    cmd += ["detect", "--config", str(cfg_file), "--out", str(tmp_path / "run")]
+    res = subprocess.run(
+        cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "SyncBatchNorm needs CUDA" in res.stderr
+    derived = yaml.safe_load((tmp_path / "run" / "resolved_config.yaml").read_text())["derived"]
+    assert derived["world_size"] == 2 and derived["norm"] == "bn (sync_bn needs CUDA)"
+
+
+def test_bf16_runs_evaluate_in_float32(scenes, tmp_path, monkeypatch):
+    """Under bf16 autocast the heads would give bf16 scores (few distinct values, ties that
+    COCOeval ranks arbitrarily): the evaluation forward runs without autocast."""
+    seen = []
+    forward = TorchvisionMaskRCNN.forward
+
+    def spy(self, images, targets=None):
+        out = forward(self, images, targets)
+        if not self.training:
+            seen.append((torch.is_autocast_enabled("cpu"), [p["scores"].dtype for p in out]))
+        return out
+
+    monkeypatch.setattr(TorchvisionMaskRCNN, "forward", spy)
+    cfg = detect.load_config(_cfg(scenes, amp="bf16", solver={"max_iter": 1}))
+    detect.run(cfg, tmp_path)
+    assert seen and all(not autocast for autocast, _ in seen)
+    assert {d for _, dtypes in seen for d in dtypes} <= {torch.float32}
+
+
+def test_update_bn_stats_golden():
+    """Precise BN: running statistics become the plain averages of the batch means and
+    (unbiased) variances, the momentum and training mode come back."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3)).eval()
+    batches = [torch.randn(4, 2, 5, 5) * (i + 1) for i in range(3)]
+    with torch.no_grad():
+        feats = [model[0](b) for b in batches]
+    used = update_bn_stats(model, iter(batches), 5, model)
+    assert used == 3 and not model.training and model[1].momentum == 0.1
+    mean = torch.stack([f.mean(dim=(0, 2, 3)) for f in feats]).mean(0)
+    var = torch.stack([f.transpose(0, 1).flatten(1).var(1) for f in feats]).mean(0)
+    torch.testing.assert_close(model[1].running_mean, mean)
+    torch.testing.assert_close(model[1].running_var, var)
+    assert update_bn_stats(torch.nn.Linear(2, 2), iter(batches), 5, model) == 0
+
+
+def test_precise_bn_runs_before_evaluation(scenes, tmp_path):
+    plain = detect.run(detect.load_config(_cfg(scenes, solver={"max_iter": 2})), tmp_path / "a")
+    cfg = detect.load_config(_cfg(scenes, solver={"max_iter": 2}, precise_bn_iters=3))
+    precise = detect.run(cfg, tmp_path / "b")
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["state_dict"]
+    stats = [k for k in a if k.endswith("running_mean")]
+    assert stats and all(not torch.equal(a[k], b[k]) for k in stats)
+    weights = [k for k in a if k.endswith(".weight")]
+    assert all(torch.equal(a[k], b[k]) for k in weights)  # only the statistics differ
+    assert plain["final_loss"] == precise["final_loss"]
+
+
+def test_detectron2_config_describes_the_network(d2, tmp_path):
+    """The paper recipe's detectron2 config (saved with the run): MoCo's C4 protocol."""
+    from a2mim.detection.detectron2_backend import Detectron2MaskRCNN
+
+    data = yaml.safe_load(recipes.resolve("detect", "r50_c4_2x").read_text())
+    cfg = detect.load_config(data)
+    model = Detectron2MaskRCNN(cfg.model, cfg.input, 80, world_size=8)
+    text = model.config_yaml(detect.solver_summary(cfg, 0.02, 16))
+    d2cfg = yaml.safe_load(text)
+    m = d2cfg["MODEL"]
+    assert m["BACKBONE"]["FREEZE_AT"] == 0 and m["RESNETS"]["NORM"] == "SyncBN"
+    assert m["ROI_HEADS"]["NAME"] == "Res5ROIHeadsExtraNorm"
+    assert isinstance(model.net.roi_heads.res5.norm, torch.nn.SyncBatchNorm)
+    assert m["RESNETS"]["STRIDE_IN_1X1"] is False and m["RPN"]["PRE_NMS_TOPK_TEST"] == 6000
+    assert d2cfg["INPUT"]["MAX_SIZE_TRAIN"] == 1200 and d2cfg["INPUT"]["MIN_SIZE_TEST"] == 800
+    sol = d2cfg["SOLVER"]
+    assert (sol["BASE_LR"], sol["IMS_PER_BATCH"], sol["MAX_ITER"]) == (0.02, 16, 180000)
+    assert list(sol["STEPS"]) == [120000, 160000] and sol["WARMUP_ITERS"] == 1000
+    assert d2cfg["TEST"]["PRECISE_BN"] == {"ENABLED": True, "NUM_ITER": 200}
+    assert model.net.backbone.size_divisibility == 0  # C4: padded to the batch maximum
+    one = Detectron2MaskRCNN(cfg.model, cfg.input, 80, world_size=1)
+    assert one.cfg.MODEL.RESNETS.NORM == "BN"  # one process: sync_bn is plain BN
+
+
+def test_resize_matches_pil():
+    """Both backends resize as detectron2's pipeline does (PIL on the 8-bit image)."""
+    from PIL import Image
+
+    from a2mim.detection.resize import resize_shortest_edge
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (120, 90, 3), dtype=np.uint8)
+    img = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0
+    masks = torch.from_numpy(rng.integers(0, 2, (1, 120, 90), dtype=np.uint8))
+    target = {"boxes": torch.tensor([[9.0, 12.0, 45.0, 60.0]]), "masks": masks}
+    target["polygons"] = [[np.array([9.0, 12.0, 45.0, 12.0, 45.0, 60.0])]]
+    for short, max_size in ((60, 1000), (150, 170)):
+        out, t = resize_shortest_edge(img, target, short, max_size)
+        h, w = out.shape[-2:]
+        pil = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+        ours = (out * 255).round().byte().permute(1, 2, 0).numpy()
+        assert np.abs(ours.astype(int) - pil).max() <= 2 and (ours == pil).mean() > 0.9
+        pil_mask = np.asarray(Image.fromarray(masks[0].numpy()).resize((w, h), Image.NEAREST))
+        assert (t["masks"][0].numpy() == pil_mask).mean() > 0.9
+        sx, sy = w / 90, h / 120
+        torch.testing.assert_close(t["boxes"], torch.tensor([[9 * sx, 12 * sy, 45 * sx, 60 * sy]]))
+        np.testing.assert_allclose(t["polygons"][0][0][:2], [9 * sx, 12 * sy])
+    spec = DetectorSpec(backbone="resnet18", img_size=32, arch="c4", norm="bn")
+    inputs = detect.Input(min_size_test=60, max_size_test=1000)
+    tv = TorchvisionMaskRCNN(spec, inputs, 3).eval()
+    batch, _ = tv.net.transform([img])
+    out, _ = resize_shortest_edge(img, None, 60, 1000)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    assert batch.image_sizes == [(80, 60)] and batch.tensors.shape[-2:] == (80, 60)  # C4: no /32
+    torch.testing.assert_close(batch.tensors[0], (out - mean) / std)
+    # input.resize: float keeps torchvision's own transform (the toy recipes' measurements)
+    plain = TorchvisionMaskRCNN(spec, detect.Input(resize="float"), 3)
+    assert type(plain.net.transform).__name__ == "GeneralizedRCNNTransform"
+    flat, _ = resize_shortest_edge(img, None, 60, 1000, mode="float")
+    expect = torch.nn.functional.interpolate(img[None], (80, 60), mode="bilinear")[0]
+    torch.testing.assert_close(flat, expect)
+
+
+def test_detectron2_trains_masks_from_polygons(d2, scenes):
+    """COCO polygons reach detectron2 as ``PolygonMasks`` (rasterised per RoI, as its own
+    loader gives them), scaled with the image; an RLE-only instance falls back to bitmaps."""
+    from detectron2.structures import BitMasks, PolygonMasks
+
+    from a2mim.detection.detectron2_backend import Detectron2MaskRCNN
+
+    spec = DetectorSpec(backbone="resnet18", img_size=32, arch="c4", norm="bn")
+    model = Detectron2MaskRCNN(spec, detect.Input(min_size_train=(128,), max_size_train=256), 10)
+    root = scenes / "coco"
+    data = CocoInstances(
+        root / "annotations/instances_train2017.json", root / "train2017", with_polygons=True
+    )
+    img, target = data[0]
+    (item,) = model.train()._batch([img], [target])
+    masks = item["instances"].gt_masks
+    assert isinstance(masks, PolygonMasks) and len(masks) == len(target["labels"])
+    first = target["polygons"][0][0]
+    np.testing.assert_allclose(masks.polygons[0][0], first * 2.0)  # 64 -> 128 px
+    target["polygons"][0] = None
+    target["masks"] = CocoInstances(
+        root / "annotations/instances_train2017.json", root / "train2017"
+    ).load_target(data.ids[0])["masks"]
+    (item,) = model._batch([img], [target])
+    assert isinstance(item["instances"].gt_masks, BitMasks)

@@ -19,7 +19,7 @@ from a2mim.train import distributed as d
 
 root, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 rank, world = d.init_distributed("cpu")
-val = CocoInstances(root / "coco/annotations/instances_val.json", root / "coco/val")
+val = CocoInstances(root / "coco/annotations/instances_val2017.json", root / "coco/val2017")
 truth = [val[i] for i in range(len(val))]
 
 

@@ -494,3 +494,33 @@ def test_cli_resume_after_sigkill_is_bit_identical(scenes, tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
     full_metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert json.loads((killed / "metrics.json").read_text()) == full_metrics
+
+
+def test_zero_iterations_is_the_untrained_baseline(scenes, tmp_path):
+    """iters 0 (issue 11 item 12): no training step, the initial network evaluated and saved."""
+    cfg = segment.load_config(_cfg(scenes, iters=0))
+    metrics = segment.run(cfg, tmp_path)
+    assert set(metrics) == {"miou", "aacc", "macc"} and math.isfinite(metrics["miou"])
+    derived = yaml.safe_load((tmp_path / "resolved_config.yaml").read_text())["derived"]
+    assert derived["total_steps"] == 0
+    assert derived["labels"]["reduce_zero_label"] is True
+    assert derived["labels"]["label_files_scanned"] > 0
+    torch.manual_seed(cfg.seed)
+    fresh, _ = segment.build_model(cfg)
+    saved = checkpoint.load(tmp_path / "model.pt")["state_dict"]
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(saved[key], value), key
+    with pytest.raises(ConfigError, match=r"iters: -1 is out of range; allowed: >= 0"):
+        segment.load_config(_cfg(scenes, iters=-1))
+
+
+def test_label_convention_mismatch_stops_before_training(scenes, tmp_path):
+    """The scenes use the ADE convention with raw values up to 11: read as 0..K-1 with K=11
+    they break the convention, and the run says which setting to change."""
+    cfg = segment.load_config(_cfg(scenes, data={"reduce_zero_label": False}))
+    with pytest.raises(ConfigError, match=r"set data\.reduce_zero_label: true"):
+        segment.run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    cfg = segment.load_config(_cfg(scenes, data={"num_classes": 5}))
+    with pytest.raises(ConfigError, match=r"set data\.num_classes"):
+        segment.run(cfg, tmp_path / "run2")
