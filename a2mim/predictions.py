@@ -1,0 +1,387 @@
+"""Per-sample predictions of one evaluation: what paired statistics need (:mod:`a2mim.statistics`).
+
+One ``.npz`` file per evaluation (numpy's zip of arrays, no pickles), written atomically by rank
+0 into the run folder (``predictions/<name>.npz``) and logged as an MLflow artifact under
+``predictions/``. Every file holds ``kind`` (``classification``, ``detection``,
+``segmentation``), ``format`` (:data:`FORMAT_VERSION`), ``meta`` (JSON text: step, epoch, split,
+...), ``ids`` (one per sample: an image's path relative to its split folder, a COCO image id as
+text, an ADE20K file stem) and the arrays of its kind:
+
+``classification`` (finetune, linprobe)
+    ``label`` (n,) true class, ``pred`` (n,) predicted class (arg-max), so ``correct = pred ==
+    label``; top-1 is its mean.
+``segmentation`` (segment)
+    ``intersection`` and ``union`` (n, K): per image and class the pixels predicted *and*
+    labelled c, and predicted *or* labelled c (ignored pixels excluded). mIoU over any weighting
+    of the images is ``mean_c(sum_i w_i I_ic / sum_i w_i U_ic)`` over classes with a union.
+``detection`` (detect), per IoU type ``t`` in ``bbox``/``segm`` (``<t>_`` prefixed arrays)
+    COCOeval's per-image matching (area "all", at most 100 detections per image):
+    ``<t>_det_image``, ``<t>_det_category`` (indices into ``ids`` / ``categories``),
+    ``<t>_det_score``, ``<t>_det_tp`` and ``<t>_det_fp`` (d, T) per IoU threshold (a detection
+    matched to an ignored ground truth is neither), ``<t>_gt_count`` (n, K) non-ignored ground
+    truth per image and category; ``iou_thresholds`` (T,), ``categories`` (K,) COCO ids. AP over
+    any weighting of the images is COCOeval's accumulate on the weighted matches
+    (:meth:`DetectionPredictions.ap`): for uniform weights it equals COCOeval's AP.
+
+A reader gets an object with ``ids`` and ``score(weights)``, the metric (percent) over the
+samples weighted by ``weights`` (a bootstrap draw's multiplicities; all ones: the full set).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from a2mim import atomic
+
+FORMAT_VERSION = 1
+FOLDER = "predictions"
+FINAL = "final"  # the file of a run's final evaluation: predictions/final.npz
+BEST_LAST10 = "best_last10"  # fine-tuning: the evaluation with the best top-1 of the last 10
+KINDS = ("classification", "detection", "segmentation")
+IOU_TYPES = ("bbox", "segm")
+RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)  # COCOeval's recThrs
+
+
+class PredictionsError(ValueError):
+    """A predictions file that cannot be read or used; the message names it and the fix."""
+
+
+def path_of(run_dir: str | Path, name: str = FINAL) -> Path:
+    return Path(run_dir) / FOLDER / f"{name}.npz"
+
+
+# ---------------------------------------------------------------------------------------------
+# The three kinds
+
+
+@dataclass(frozen=True)
+class ClassificationPredictions:
+    ids: np.ndarray  # (n,) str
+    label: np.ndarray  # (n,) int
+    pred: np.ndarray  # (n,) int
+    meta: Mapping[str, Any]
+    kind = "classification"
+    metric = "top1"
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.pred == self.label
+
+    def score(self, weights: np.ndarray | None = None) -> float:
+        """Top-1 in percent over the weighted samples."""
+        correct = self.correct.astype(np.float64)
+        if weights is None:
+            return 100.0 * float(correct.mean())
+        return 100.0 * float(weights @ correct) / float(weights.sum())
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"label": self.label, "pred": self.pred}
+
+
+@dataclass(frozen=True)
+class SegmentationPredictions:
+    ids: np.ndarray  # (n,) str
+    intersection: np.ndarray  # (n, K) int64
+    union: np.ndarray  # (n, K) int64
+    meta: Mapping[str, Any]
+    kind = "segmentation"
+    metric = "miou"
+
+    def score(self, weights: np.ndarray | None = None) -> float:
+        """mIoU in percent: per-class IoU of the weighted sums, mean over classes that have a
+        union (as mmseg's nanmean and torchmetrics' macro Jaccard)."""
+        w = np.ones(len(self.ids)) if weights is None else weights.astype(np.float64)
+        inter, union = w @ self.intersection, w @ self.union
+        present = union > 0
+        if not present.any():
+            return float("nan")
+        return 100.0 * float(np.mean(inter[present] / union[present]))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"intersection": self.intersection, "union": self.union}
+
+
+@dataclass(frozen=True)
+class DetectionMatches:
+    """COCOeval's matches of one IoU type (see the module docstring)."""
+
+    det_image: np.ndarray  # (d,) int
+    det_category: np.ndarray  # (d,) int
+    det_score: np.ndarray  # (d,) float
+    det_tp: np.ndarray  # (d, T) bool
+    det_fp: np.ndarray  # (d, T) bool
+    gt_count: np.ndarray  # (n, K) int
+
+
+@dataclass(frozen=True)
+class DetectionPredictions:
+    ids: np.ndarray  # (n,) str: COCO image ids
+    categories: np.ndarray  # (K,) COCO category ids
+    iou_thresholds: np.ndarray  # (T,)
+    matches: Mapping[str, DetectionMatches]  # by IoU type
+    meta: Mapping[str, Any]
+    kind = "detection"
+    metric = "ap_box"
+
+    def ap(self, iou_type: str = "bbox", weights: np.ndarray | None = None) -> float:
+        """COCO AP (percent, IoU .50:.95, area all, 100 detections) over the weighted images."""
+        if iou_type not in self.matches:
+            raise PredictionsError(f"no {iou_type} matches stored (have {sorted(self.matches)})")
+        return weighted_ap(self.matches[iou_type], weights)
+
+    def score(self, weights: np.ndarray | None = None, iou_type: str = "bbox") -> float:
+        return self.ap(iou_type, weights)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"categories": self.categories, "iou_thresholds": self.iou_thresholds}
+        for t, m in self.matches.items():
+            for field in DetectionMatches.__dataclass_fields__:
+                out[f"{t}_{field}"] = getattr(m, field)
+        return out
+
+
+Predictions = ClassificationPredictions | DetectionPredictions | SegmentationPredictions
+
+
+def weighted_ap(m: DetectionMatches, weights: np.ndarray | None = None) -> float:
+    """COCOeval's ``accumulate`` (then AP = mean precision over recall thresholds, IoUs and
+    categories with ground truth) with image ``weights``: an image drawn ``w`` times counts each
+    of its detections and ground truths ``w`` times. Detections are ranked by score as COCOeval
+    does (a stable sort of the per-image lists in image order), so for all-ones weights the
+    result equals COCOeval's AP; ties between copies of one image keep their order."""
+    n_images = m.gt_count.shape[0]
+    w = np.ones(n_images) if weights is None else np.asarray(weights, dtype=np.float64)
+    n_gt = w @ m.gt_count  # (K,)
+    aps = []
+    for k in range(m.gt_count.shape[1]):
+        if n_gt[k] <= 0:
+            continue  # COCOeval: no ground truth in this category, left out of the mean
+        sel = np.flatnonzero(m.det_category == k)
+        order = sel[np.argsort(-m.det_score[sel], kind="mergesort")]
+        dw = w[m.det_image[order]][:, None]
+        tp = np.cumsum(m.det_tp[order] * dw, axis=0)  # (d, T)
+        fp = np.cumsum(m.det_fp[order] * dw, axis=0)
+        keep = dw[:, 0] > 0
+        tp, fp = tp[keep], fp[keep]
+        for t in range(m.det_tp.shape[1]):
+            aps.append(_precision_at_recalls(tp[:, t], fp[:, t], n_gt[k]).mean())
+    return 100.0 * float(np.mean(aps)) if aps else float("nan")
+
+
+def _precision_at_recalls(tp: np.ndarray, fp: np.ndarray, n_gt: float) -> np.ndarray:
+    """COCOeval's interpolated precision at its 101 recall thresholds (0 beyond the last)."""
+    q = np.zeros(len(RECALL_THRESHOLDS))
+    if len(tp) == 0:
+        return q
+    rc = tp / n_gt
+    pr = tp / (fp + tp + np.spacing(1))
+    pr = np.maximum.accumulate(pr[::-1])[::-1]  # the precision envelope
+    inds = np.searchsorted(rc, RECALL_THRESHOLDS, side="left")
+    valid = inds < len(pr)
+    q[valid] = pr[inds[valid]]
+    return q
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders (from what an evaluation has)
+
+
+def classification(
+    ids: Sequence[str], label: Sequence[int], pred: Sequence[int], **meta: Any
+) -> ClassificationPredictions:
+    label_a, pred_a = np.asarray(label, dtype=np.int64), np.asarray(pred, dtype=np.int64)
+    ids_a = np.asarray([str(i) for i in ids])
+    if not len(ids_a) == len(label_a) == len(pred_a):
+        raise PredictionsError(
+            f"classification predictions: {len(ids_a)} ids, {len(label_a)} labels and "
+            f"{len(pred_a)} predictions; each sample needs all three"
+        )
+    return ClassificationPredictions(ids_a, label_a, pred_a, meta)
+
+
+def segmentation_counts(
+    pred_hw: np.ndarray, label_hw: np.ndarray, num_classes: int, ignore_index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class intersection and union pixel counts ``(K,)`` of one image, ignored pixels out."""
+    pred, label = np.asarray(pred_hw).ravel(), np.asarray(label_hw).ravel()
+    valid = label != ignore_index
+    pred, label = pred[valid].astype(np.int64), label[valid].astype(np.int64)
+    hit = np.bincount(label[pred == label], minlength=num_classes)[:num_classes]
+    labelled = np.bincount(label, minlength=num_classes)[:num_classes]
+    predicted = np.bincount(pred, minlength=num_classes)[:num_classes]
+    return hit, labelled + predicted - hit
+
+
+def segmentation(
+    ids: Sequence[str], intersection: np.ndarray, union: np.ndarray, **meta: Any
+) -> SegmentationPredictions:
+    inter, uni = np.asarray(intersection, np.int64), np.asarray(union, np.int64)
+    if inter.shape != uni.shape or inter.ndim != 2 or inter.shape[0] != len(ids):
+        raise PredictionsError(
+            f"segmentation predictions: intersection {inter.shape} and union {uni.shape} must "
+            f"both be (images={len(ids)}, classes)"
+        )
+    return SegmentationPredictions(np.asarray([str(i) for i in ids]), inter, uni, meta)
+
+
+def detection_from_cocoeval(evaluators: Mapping[str, Any], **meta: Any) -> DetectionPredictions:
+    """The per-image matches of pycocotools ``COCOeval`` objects (after ``evaluate()``), by IoU
+    type; area range "all" and the largest ``maxDets`` (COCOeval's AP setting)."""
+    if not evaluators:
+        raise PredictionsError("detection predictions need at least one COCOeval")
+    first = next(iter(evaluators.values())).params
+    image_ids, cat_ids = list(first.imgIds), list(first.catIds)
+    matches = {}
+    for iou_type, ev in evaluators.items():
+        p = ev.params
+        if list(p.imgIds) != image_ids or list(p.catIds) != cat_ids:
+            raise PredictionsError("the COCOeval objects of one evaluation must share images")
+        matches[iou_type] = _matches(ev, len(image_ids), len(cat_ids))
+    return DetectionPredictions(
+        np.asarray([str(i) for i in image_ids]),
+        np.asarray(cat_ids, dtype=np.int64),
+        np.asarray(first.iouThrs, dtype=np.float64),
+        matches,
+        meta,
+    )
+
+
+def _matches(ev: Any, n_images: int, n_cats: int) -> DetectionMatches:
+    p = ev.params
+    n_areas, max_det, n_iou = len(p.areaRng), p.maxDets[-1], len(p.iouThrs)
+    images, cats, scores, tps, fps = [], [], [], [], []
+    gt_count = np.zeros((n_images, n_cats), dtype=np.int64)
+    for k in range(n_cats):
+        for i in range(n_images):
+            e = ev.evalImgs[k * n_areas * n_images + i]  # area index 0: "all"
+            if e is None:
+                continue
+            gt_count[i, k] = int(np.count_nonzero(np.asarray(e["gtIgnore"]) == 0))
+            d = min(len(e["dtScores"]), max_det)
+            if d == 0:
+                continue
+            matched = np.asarray(e["dtMatches"])[:, :d] > 0
+            ignored = np.asarray(e["dtIgnore"])[:, :d].astype(bool)
+            images.append(np.full(d, i))
+            cats.append(np.full(d, k))
+            scores.append(np.asarray(e["dtScores"][:d], dtype=np.float64))
+            tps.append((matched & ~ignored).T)
+            fps.append((~matched & ~ignored).T)
+
+    def cat(parts: list, shape: tuple, dtype) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(shape, dtype=dtype)
+
+    return DetectionMatches(
+        cat(images, (0,), np.int64).astype(np.int64),
+        cat(cats, (0,), np.int64).astype(np.int64),
+        cat(scores, (0,), np.float64),
+        cat(tps, (0, n_iou), bool),
+        cat(fps, (0, n_iou), bool),
+        gt_count,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def write(path: str | Path, predictions: Predictions) -> Path:
+    """Write ``predictions`` to ``path`` (``.npz``) atomically; returns the path."""
+    path = Path(path)
+    arrays = {
+        "kind": np.asarray(predictions.kind),
+        "format": np.asarray(FORMAT_VERSION),
+        "meta": np.asarray(json.dumps(dict(predictions.meta), default=str)),
+        "ids": predictions.ids,
+        **predictions.arrays(),
+    }
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+    return path
+
+
+def read(path: str | Path) -> Predictions:
+    """The predictions in ``path`` (written by :func:`write`)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise PredictionsError(
+            f"cannot read predictions file {path} ({exc}); rerun the evaluation that wrote it"
+        ) from None
+    kind = str(arrays.get("kind", ""))
+    version = int(arrays["format"]) if "format" in arrays else None
+    if kind not in KINDS or version != FORMAT_VERSION:
+        raise PredictionsError(
+            f"{path}: kind {kind!r}, format {version}: not an a2mim predictions file of format "
+            f"{FORMAT_VERSION} (kinds {', '.join(KINDS)})"
+        )
+    meta = json.loads(str(arrays["meta"]))
+    ids = arrays["ids"]
+    try:
+        if kind == "classification":
+            return ClassificationPredictions(ids, arrays["label"], arrays["pred"], meta)
+        if kind == "segmentation":
+            return SegmentationPredictions(ids, arrays["intersection"], arrays["union"], meta)
+        matches = {
+            t: DetectionMatches(
+                **{f: arrays[f"{t}_{f}"] for f in DetectionMatches.__dataclass_fields__}
+            )
+            for t in IOU_TYPES
+            if f"{t}_gt_count" in arrays
+        }
+        return DetectionPredictions(
+            ids, arrays["categories"], arrays["iou_thresholds"], matches, meta
+        )
+    except KeyError as exc:
+        raise PredictionsError(f"{path}: {kind} predictions lack array {exc}") from None
+
+
+def score_for(predictions: Predictions, metric: str):
+    """The per-weights score function of ``metric`` (``top1``, ``ap_box``, ``ap_mask``,
+    ``miou``) on ``predictions``; raises PredictionsError when the file cannot give it."""
+    wanted = {"top1": "classification", "miou": "segmentation"}
+    wanted |= {"ap_box": "detection", "ap_mask": "detection"}
+    if wanted.get(metric) != predictions.kind:
+        raise PredictionsError(f"{predictions.kind} predictions cannot give metric {metric!r}")
+    if metric in ("ap_box", "ap_mask"):
+        iou_type = "bbox" if metric == "ap_box" else "segm"
+        return lambda w: predictions.ap(iou_type, w)
+    return predictions.score
+
+
+def gather_to_rank0(local: list[Any]) -> list[Any]:
+    """Every rank's list concatenated in rank order (rank 0 gets it; the others too)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(local)
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return [item for part in parts for item in part]
+
+
+__all__ = [
+    "BEST_LAST10",
+    "FINAL",
+    "ClassificationPredictions",
+    "DetectionPredictions",
+    "PredictionsError",
+    "SegmentationPredictions",
+    "classification",
+    "detection_from_cocoeval",
+    "path_of",
+    "read",
+    "score_for",
+    "segmentation",
+    "segmentation_counts",
+    "weighted_ap",
+    "write",
+]
