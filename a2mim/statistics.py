@@ -219,7 +219,7 @@ def difference_ci(
     if sa.n > 1 and sb.n > 1:
         parts += [(sa.std**2 / sa.n, sa.n - 1), (sb.std**2 / sb.n, sb.n - 1)]
     elif sa.n > 1 or sb.n > 1:
-        known, single = (sa, sb) if sa.n > 1 else (sb, sa)
+        known = sa if sa.n > 1 else sb
         parts += [(known.std**2 / known.n, known.n - 1), (known.std**2, known.n - 1)]
         notes.append("the single-seed method is given the other's seed variance")
     sources = ("seeds",) if parts else ()

@@ -48,10 +48,12 @@ def test_segmentation_miou_from_counts_equals_segmetrics():
     preds = [rng.integers(0, k, (6, 7)) for _ in range(4)]
     labels = [rng.integers(0, k - 1, (6, 7)) for _ in range(4)]  # class 4 never labelled
     labels[0][0, :] = ignore
-    counts = [pr.segmentation_counts(p, lab, k, ignore) for p, lab in zip(preds, labels)]
+    counts = [
+        pr.segmentation_counts(p, lab, k, ignore) for p, lab in zip(preds, labels, strict=False)
+    ]
     seg = pr.segmentation(["i0", "i1", "i2", "i3"], [c[0] for c in counts], [c[1] for c in counts])
     metrics = SegMetrics(k, ignore)
-    for p, lab in zip(preds, labels):
+    for p, lab in zip(preds, labels, strict=False):
         metrics.update(torch.as_tensor(p)[None], torch.as_tensor(lab)[None])
     assert seg.score() == pytest.approx(metrics.compute()["miou"], abs=1e-4)
     # weights: image 2 twice, image 3 left out
@@ -89,7 +91,7 @@ def _scene(rng, n_images):
                              "score": float(rng.random())})  # fmt: skip
         for _ in range(rng.integers(0, 3)):
             dets.append({"image_id": img, "category_id": int(rng.integers(1, 4)),
-                         "bbox": list(rng.uniform(0, 60, 2)) + [20.0, 20.0],
+                         "bbox": [*list(rng.uniform(0, 60, 2)), 20.0, 20.0],
                          "score": float(rng.random())})  # fmt: skip
     for i, a in enumerate(anns, start=1):
         a["id"] = i
