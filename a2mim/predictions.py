@@ -30,6 +30,7 @@ samples weighted by ``weights`` (a bootstrap draw's multiplicities; all ones: th
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ FORMAT_VERSION = 1
 FOLDER = "predictions"
 FINAL = "final"  # the file of a run's final evaluation: predictions/final.npz
 BEST_LAST10 = "best_last10"  # fine-tuning: the evaluation with the best top-1 of the last 10
+LAST_EPOCHS = 10  # the window of the authors' fine-tuning rule
 KINDS = ("classification", "detection", "segmentation")
 IOU_TYPES = ("bbox", "segm")
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)  # COCOeval's recThrs
@@ -357,8 +359,8 @@ def score_for(predictions: Predictions, metric: str):
     return predictions.score
 
 
-def gather_to_rank0(local: list[Any]) -> list[Any]:
-    """Every rank's list concatenated in rank order (rank 0 gets it; the others too)."""
+def gather(local: list[Any]) -> list[Any]:
+    """Every rank's list concatenated in rank order (a collective: every rank must call it)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -366,6 +368,122 @@ def gather_to_rank0(local: list[Any]) -> list[Any]:
     parts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, local)
     return [item for part in parts for item in part]
+
+
+# ---------------------------------------------------------------------------------------------
+# What the stages call (every rank calls; rank 0 writes)
+
+
+def epoch_name(epoch: int) -> str:
+    return f"epoch_{epoch:04d}"
+
+
+def image_folder_id(dataset: Any, index: int) -> str:
+    """A sample's id in an ImageFolder split: its path relative to ``root/split``."""
+    path = Path(dataset.samples[index][0])
+    base = Path(dataset.root) / dataset.split
+    try:
+        return path.relative_to(base).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def save_classification(
+    path: str | Path,
+    dataset: Any,
+    indices: Sequence[int],
+    result: Mapping[str, Any],
+    rank: int,
+    **meta: Any,
+) -> Path | None:
+    """Gather every rank's shard of an evaluation (``indices`` into the ImageFolder
+    ``dataset``; ``result`` from ``evaluate(..., collect=True)``) and, on rank 0, write the
+    classification predictions to ``path``. A collective: call it on every rank."""
+    label, pred = result["label"].tolist(), result["pred"].tolist()
+    if len(label) != len(indices):
+        raise PredictionsError(
+            f"{len(label)} predictions for a shard of {len(indices)} samples: the evaluation "
+            "loader must not shuffle or drop samples"
+        )
+    rows = gather([(int(i), lab, p) for i, lab, p in zip(indices, label, pred, strict=True)])
+    if rank != 0:
+        return None
+    rows.sort()
+    ids = [image_folder_id(dataset, i) for i, _, _ in rows]
+    preds = classification(ids, [r[1] for r in rows], [r[2] for r in rows], **meta)
+    return write(path, preds)
+
+
+def save_segmentation(
+    path: str | Path,
+    ids: Sequence[str],
+    counts: Sequence[tuple[int, np.ndarray, np.ndarray]],
+    rank: int,
+    **meta: Any,
+) -> Path | None:
+    """Gather every rank's per-image ``(index, intersection, union)`` counts and, on rank 0,
+    write the segmentation predictions (``ids[index]`` names image ``index``). A collective."""
+    rows = sorted(gather(list(counts)), key=lambda r: r[0])
+    if rank != 0:
+        return None
+    preds = segmentation(
+        [ids[i] for i, _, _ in rows],
+        np.stack([r[1] for r in rows]),
+        np.stack([r[2] for r in rows]),
+        **meta,
+    )
+    return write(path, preds)
+
+
+def best_of_last(
+    jsonl: str | Path, epochs: int, window: int = LAST_EPOCHS, key: str = "top1"
+) -> tuple[float, int] | None:
+    """The best ``key`` of the evaluations of the last ``window`` epochs in a stage's
+    ``metrics.jsonl`` (evaluation lines carry an integer ``epoch``), and its epoch; None when
+    none was evaluated there. Read from the file, so a resumed run counts every evaluation."""
+    best: tuple[float, int] | None = None
+    for line in Path(jsonl).read_text().splitlines():
+        row = json.loads(line)
+        epoch = row.get("epoch")
+        if key not in row or not isinstance(epoch, int) or epoch <= epochs - window:
+            continue
+        if best is None or row[key] > best[0]:
+            best = (float(row[key]), epoch)
+    return best
+
+
+def finish_classification(
+    out: str | Path,
+    epochs: int,
+    final: Mapping[str, float],
+    tracker: Any,
+    step: int,
+    best_last: bool = False,
+) -> dict[str, float]:
+    """Rank 0, after the final evaluation of a classification run in ``out``: copy its
+    predictions to ``predictions/final.npz``; with ``best_last`` (fine-tuning: the authors
+    report the best top-1 of the last 10 epochs) also find that evaluation in
+    ``metrics.jsonl`` and copy its predictions to ``predictions/best_last10.npz``. Logs the
+    files as MLflow artifacts (``predictions/``) and the returned metrics at ``step``:
+    ``top1_final`` and, with ``best_last``, ``top1_best_last10`` and ``top1_best_last10_epoch``."""
+    out = Path(out)
+    metrics = {"top1_final": float(final["top1"])}
+    chosen = {FINAL: epochs}
+    if best_last:
+        best = best_of_last(out / "metrics.jsonl", epochs)
+        if best is None:  # cannot happen: the final evaluation is in the window
+            raise PredictionsError(f"{out}/metrics.jsonl holds no evaluation of the last epochs")
+        metrics["top1_best_last10"], metrics["top1_best_last10_epoch"] = best[0], float(best[1])
+        chosen[BEST_LAST10] = best[1]
+    for name, epoch in chosen.items():
+        source = path_of(out, epoch_name(epoch))
+        if not source.is_file():
+            raise PredictionsError(f"missing {source}: the evaluation of epoch {epoch} wrote none")
+        with atomic.atomic_path(path_of(out, name)) as tmp:
+            shutil.copyfile(source, tmp)
+        tracker.log_artifact(path_of(out, name), FOLDER)
+    tracker.log_metrics(metrics, step)
+    return metrics
 
 
 __all__ = [

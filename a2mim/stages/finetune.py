@@ -45,7 +45,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from a2mim import atomic
+from a2mim import atomic, predictions
 from a2mim.config import ConfigError, from_dict
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
@@ -435,8 +435,9 @@ def run(
             )
         loss_fn = build_loss(cfg.loss, mixup is not None)
         seeded = AugmentedDataset(train_set, train_transform(cfg), cfg.seed)
+        shard = range(rank, len(val_set), world)
         val_loader = DataLoader(
-            Subset(val_set, range(rank, len(val_set), world)),
+            Subset(val_set, shard),
             batch_size=cfg.data.eval_batch_size or cfg.batch_size,
             num_workers=cfg.data.num_workers,
         )
@@ -462,7 +463,11 @@ def run(
 
         def run_eval(step_done: int, epoch_done: int) -> dict[str, float]:
             broadcast_buffers(model)  # every shard is evaluated with the statistics rank 0 saves
-            res = evaluate(model, val_loader, device, amp_dtype)
+            res = evaluate(model, val_loader, device, amp_dtype, collect=True)
+            if epoch_done > cfg.epochs - predictions.LAST_EPOCHS:  # for the paired statistics
+                where = predictions.path_of(out, predictions.epoch_name(epoch_done))
+                meta = {"stage": "finetune", "step": step_done, "epoch": epoch_done}
+                predictions.save_classification(where, val_set, shard, res, rank, **meta)
             row = {"top1": res["top1"], "top5": res["top5"], "val_loss": res["loss"]}
             if ema is not None:
                 broadcast_buffers(ema.module)
@@ -552,7 +557,10 @@ def run(
             last_eval = run_eval(total_steps, cfg.epochs)
         save(total_steps)
         metrics = {**last_eval, **({"final_loss": log.last["loss"]} if log.last else {})}
-        if rank == 0:
+        if rank == 0:  # top1_final, top1_best_last10 (the authors' rule) and their predictions
+            metrics |= predictions.finish_classification(
+                out, cfg.epochs, last_eval, tracker, total_steps, best_last=True
+            )
             meta = {
                 "stage": "finetune",
                 "backbone": cfg.model.backbone,

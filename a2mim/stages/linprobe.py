@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from a2mim import atomic
+from a2mim import atomic, predictions
 from a2mim.config import ConfigError, from_dict
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import eval_transform, pretrain_transform
@@ -281,8 +281,9 @@ def run(
             pretrain_transform(cfg.model.img_size, cfg.data.crop_scale, cfg.data.hflip),
             cfg.seed,
         )
+        shard = range(rank, len(val_set), world)
         val_loader = DataLoader(
-            Subset(val_set, range(rank, len(val_set), world)),
+            Subset(val_set, shard),
             batch_size=cfg.data.eval_batch_size or cfg.batch_size,
             num_workers=cfg.data.num_workers,
         )
@@ -309,7 +310,11 @@ def run(
 
         def run_eval(step_done: int, epoch_done: int) -> dict[str, float]:
             broadcast_buffers(probe.head)  # rank 0's feature-BN statistics, the ones it saves
-            res = evaluate(probe, val_loader, device, amp_dtype)
+            res = evaluate(probe, val_loader, device, amp_dtype, collect=True)
+            if epoch_done == cfg.epochs:  # the final evaluation, for the paired statistics
+                where = predictions.path_of(out, predictions.epoch_name(epoch_done))
+                meta = {"stage": "linprobe", "step": step_done, "epoch": epoch_done}
+                predictions.save_classification(where, val_set, shard, res, rank, **meta)
             row = {"top1": res["top1"], "top5": res["top5"], "val_loss": res["loss"]}
             log.record(step_done, row, epoch=epoch_done)
             return row
@@ -379,7 +384,10 @@ def run(
             last_eval = run_eval(total_steps, cfg.epochs)
         save(total_steps)
         metrics = {**last_eval, **({"final_loss": log.last["loss"]} if log.last else {})}
-        if rank == 0:
+        if rank == 0:  # top1_final and the final evaluation's predictions
+            metrics |= predictions.finish_classification(
+                out, cfg.epochs, last_eval, tracker, total_steps
+            )
             meta = {
                 "stage": "linprobe",
                 "backbone": cfg.model.backbone,
