@@ -53,7 +53,7 @@ from pycocotools.coco import COCO
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from a2mim import atomic
+from a2mim import atomic, predictions
 from a2mim.config import ConfigError, from_dict, to_dict
 from a2mim.data.coco import CocoInstances, coco_evaluate, drop_crowd
 from a2mim.detection import DetectorSpec, Input, build_detector, resolve_backend
@@ -283,10 +283,12 @@ def evaluate_detector(
     batch_size: int = 1,
     limit: int | None = None,
     amp_dtype: torch.dtype | None = None,
+    evaluators: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Box and mask AP / AP50 / AP75 (percent) of ``model`` on ``dataset`` (its first
     ``limit`` images), by COCOeval. Each rank predicts a shard; rank 0's result covers all.
-    Returns ``{"ap_box", "ap50_box", ..., "ap75_mask", "detections"}``."""
+    Returns ``{"ap_box", "ap50_box", ..., "ap75_mask", "detections"}``; ``evaluators`` (when
+    given) receives the COCOeval objects (:func:`a2mim.data.coco.coco_evaluate`)."""
     rank, world = world_info()
     count = len(dataset) if limit is None else min(limit, len(dataset))
     shard = list(range(rank, count, world))
@@ -306,7 +308,7 @@ def evaluate_detector(
         results = [r for part in gathered for r in part]
     ids = dataset.ids[:count]
     gt = dataset.coco if count == len(dataset) else _subset_coco(dataset.coco, ids)
-    ap = coco_evaluate(gt, results)
+    ap = coco_evaluate(gt, results, evaluators=evaluators)
     metrics = {
         f"{METRIC_NAMES[name]}_{IOU_SUFFIX[iou]}": value
         for key, value in ap.items()
@@ -512,6 +514,7 @@ def run(
 
         def run_eval(step_done: int) -> dict[str, float]:
             broadcast_buffers(model)  # every rank evaluates with rank 0's BatchNorm statistics
+            evaluators: dict[str, Any] = {}
             row = evaluate_detector(
                 model,
                 val_set,
@@ -519,7 +522,13 @@ def run(
                 cfg.data.eval_batch_size,
                 cfg.data.val_limit,
                 amp_dtype,
+                evaluators,
             )
+            if step_done == total_steps and rank == 0 and evaluators:  # for the paired statistics
+                found = predictions.detection_from_cocoeval(
+                    evaluators, stage="detect", step=step_done
+                )
+                predictions.write(predictions.path_of(out), found)
             log.record(step_done, row)
             return row
 
@@ -604,6 +613,8 @@ def run(
             )
             atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2))
             tracker.log_artifact(out / "metrics.json")
+            if predictions.path_of(out).is_file():  # none when the model detected nothing
+                tracker.log_artifact(predictions.path_of(out), predictions.FOLDER)
         return metrics
 
 

@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
 
-from a2mim import atomic
+from a2mim import atomic, predictions
 from a2mim.config import ConfigError, from_dict
 from a2mim.data.ade import ADE20KSegmentation
 from a2mim.data.seg_transforms import SegTrainTransform, eval_input
@@ -434,10 +434,12 @@ def evaluate(
     cfg: SegmentConfig,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
+    per_image: list | None = None,
 ) -> dict[str, Any]:
     """`SegMetrics` of ``model`` over ``loader`` (items: test-size normalised image, label at
     its original size; batch size 1 since sizes differ): logits whole or slid, resized to the
-    label, arg-max."""
+    label, arg-max. ``per_image`` (when given) receives each image's per-class intersection
+    and union counts, in the loader's order (:func:`a2mim.predictions.segmentation_counts`)."""
     was_training = model.training
     model.eval()
     metrics = SegMetrics(cfg.data.num_classes, cfg.data.ignore_index, device)
@@ -452,6 +454,12 @@ def evaluate(
             logits.float(), size=label_bhw.shape[-2:], mode="bilinear", align_corners=False
         )
         metrics.update(logits.argmax(1), label_bhw)
+        if per_image is not None:
+            for pred_hw, label_hw in zip(logits.argmax(1).cpu(), label_bhw.cpu(), strict=True):
+                counts = predictions.segmentation_counts(
+                    pred_hw.numpy(), label_hw.numpy(), cfg.data.num_classes, cfg.data.ignore_index
+                )
+                per_image.append(counts)
     model.train(was_training)
     return metrics.compute()
 
@@ -560,8 +568,9 @@ def run(
             num_workers=d.num_workers,
             drop_last=True,
         )
+        shard = range(rank, len(val_set), world)
         val_loader = DataLoader(
-            Subset(val_set, range(rank, len(val_set), world)),
+            Subset(val_set, shard),
             batch_size=1,
             num_workers=d.num_workers,
         )
@@ -584,7 +593,13 @@ def run(
 
         def run_eval(step_done: int) -> dict[str, Any]:
             broadcast_buffers(model)  # every shard is evaluated with the statistics rank 0 saves
-            res = evaluate(model, val_loader, cfg, device, amp_dtype)
+            per_image: list | None = [] if step_done == total_steps else None
+            res = evaluate(model, val_loader, cfg, device, amp_dtype, per_image)
+            if per_image is not None:  # the final evaluation, for the paired statistics
+                ids = [Path(image).stem for image, _ in val_set.samples]
+                counts = [(i, *c) for i, c in zip(shard, per_image, strict=True)]
+                meta = {"stage": "segment", "step": step_done}
+                predictions.save_segmentation(predictions.path_of(out), ids, counts, rank, **meta)
             row = {k: res[k] for k in ("miou", "aacc", "macc")}
             log.record(step_done, row)
             return res
@@ -648,6 +663,7 @@ def run(
             atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2))
             tracker.log_artifact(out / "per_class_iou.json")
             tracker.log_artifact(out / "metrics.json")
+            tracker.log_artifact(predictions.path_of(out), predictions.FOLDER)
         return metrics
 
 
