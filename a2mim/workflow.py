@@ -229,6 +229,11 @@ class Matrix:
         own = self._cell_runs(lambda key: table_short(key) == table)
         return own or self._cell_runs(lambda key: True)
 
+    def run_outputs(self) -> list[str]:
+        """The last output of every run of the config: the experiment table lists them all,
+        also the runs that fill no paper cell."""
+        return [self.run_output(stage, name) for stage in STAGES for name in self.runs(stage)]
+
     def _cell_runs(self, wanted) -> list[str]:
         return [
             self.run_output(stage, name)
