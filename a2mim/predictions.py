@@ -75,12 +75,11 @@ class ClassificationPredictions:
     def correct(self) -> np.ndarray:
         return self.pred == self.label
 
-    def score(self, weights: np.ndarray | None = None) -> float:
-        """Top-1 in percent over the weighted samples."""
-        correct = self.correct.astype(np.float64)
-        if weights is None:
-            return 100.0 * float(correct.mean())
-        return 100.0 * float(weights @ correct) / float(weights.sum())
+    def score(self, weights: np.ndarray | None = None) -> float | np.ndarray:
+        """Top-1 in percent over the weighted samples (see :func:`_rows`)."""
+        w, one = _rows(weights, len(self.ids))
+        out = 100.0 * (w @ self.correct.astype(np.float64)) / w.sum(axis=1)
+        return float(out[0]) if one else out
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"label": self.label, "pred": self.pred}
@@ -95,15 +94,16 @@ class SegmentationPredictions:
     kind = "segmentation"
     metric = "miou"
 
-    def score(self, weights: np.ndarray | None = None) -> float:
+    def score(self, weights: np.ndarray | None = None) -> float | np.ndarray:
         """mIoU in percent: per-class IoU of the weighted sums, mean over classes that have a
-        union (as mmseg's nanmean and torchmetrics' macro Jaccard)."""
-        w = np.ones(len(self.ids)) if weights is None else weights.astype(np.float64)
-        inter, union = w @ self.intersection, w @ self.union
+        union (as mmseg's nanmean and torchmetrics' macro Jaccard); see :func:`_rows`."""
+        w, one = _rows(weights, len(self.ids))
+        inter, union = w @ self.intersection, w @ self.union  # (r, K)
         present = union > 0
-        if not present.any():
-            return float("nan")
-        return 100.0 * float(np.mean(inter[present] / union[present]))
+        iou = np.where(present, inter / np.maximum(union, 1), 0.0)
+        with np.errstate(invalid="ignore"):
+            out = 100.0 * iou.sum(axis=1) / present.sum(axis=1)
+        return float(out[0]) if one else out
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"intersection": self.intersection, "union": self.union}
@@ -131,13 +131,14 @@ class DetectionPredictions:
     kind = "detection"
     metric = "ap_box"
 
-    def ap(self, iou_type: str = "bbox", weights: np.ndarray | None = None) -> float:
-        """COCO AP (percent, IoU .50:.95, area all, 100 detections) over the weighted images."""
+    def ap(self, iou_type: str = "bbox", weights: np.ndarray | None = None) -> float | np.ndarray:
+        """COCO AP (percent, IoU .50:.95, area all, 100 detections) over the weighted images
+        (see :func:`_rows`)."""
         if iou_type not in self.matches:
             raise PredictionsError(f"no {iou_type} matches stored (have {sorted(self.matches)})")
         return weighted_ap(self.matches[iou_type], weights)
 
-    def score(self, weights: np.ndarray | None = None, iou_type: str = "bbox") -> float:
+    def score(self, weights: np.ndarray | None = None, iou_type: str = "bbox"):
         return self.ap(iou_type, weights)
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -151,43 +152,75 @@ class DetectionPredictions:
 Predictions = ClassificationPredictions | DetectionPredictions | SegmentationPredictions
 
 
-def weighted_ap(m: DetectionMatches, weights: np.ndarray | None = None) -> float:
+def _rows(weights: np.ndarray | None, n: int) -> tuple[np.ndarray, bool]:
+    """Weights as rows ``(r, n)`` of float64, and whether the caller gave one set (None: all
+    ones; a 1-d array: one draw) and so wants a float back rather than ``(r,)`` scores."""
+    if weights is None:
+        return np.ones((1, n)), True
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape[-1] != n or w.ndim not in (1, 2):
+        raise PredictionsError(f"weights of shape {w.shape} for {n} samples")
+    return (w[None], True) if w.ndim == 1 else (w, False)
+
+
+_AP_CHUNK = 2_000_000  # draws x detections x IoU thresholds per array of the batched AP
+
+
+def weighted_ap(m: DetectionMatches, weights: np.ndarray | None = None) -> float | np.ndarray:
     """COCOeval's ``accumulate`` (then AP = mean precision over recall thresholds, IoUs and
     categories with ground truth) with image ``weights``: an image drawn ``w`` times counts each
     of its detections and ground truths ``w`` times. Detections are ranked by score as COCOeval
     does (a stable sort of the per-image lists in image order), so for all-ones weights the
-    result equals COCOeval's AP; ties between copies of one image keep their order."""
-    n_images = m.gt_count.shape[0]
-    w = np.ones(n_images) if weights is None else np.asarray(weights, dtype=np.float64)
-    n_gt = w @ m.gt_count  # (K,)
-    aps = []
+    result equals COCOeval's AP; ties between copies of one image keep their order.
+
+    ``weights``: None, one draw ``(n,)`` (a float back) or many ``(r, n)`` (``(r,)`` back)."""
+    w, one = _rows(weights, m.gt_count.shape[0])
+    n_gt = w @ m.gt_count  # (r, K)
+    n_iou = m.det_tp.shape[1]
+    total = np.zeros(len(w))  # sum over (category, IoU) with ground truth of the mean precision
+    count = (n_gt > 0).sum(axis=1) * n_iou
     for k in range(m.gt_count.shape[1]):
-        if n_gt[k] <= 0:
-            continue  # COCOeval: no ground truth in this category, left out of the mean
         sel = np.flatnonzero(m.det_category == k)
         order = sel[np.argsort(-m.det_score[sel], kind="mergesort")]
-        dw = w[m.det_image[order]][:, None]
-        tp = np.cumsum(m.det_tp[order] * dw, axis=0)  # (d, T)
-        fp = np.cumsum(m.det_fp[order] * dw, axis=0)
-        keep = dw[:, 0] > 0
-        tp, fp = tp[keep], fp[keep]
-        for t in range(m.det_tp.shape[1]):
-            aps.append(_precision_at_recalls(tp[:, t], fp[:, t], n_gt[k]).mean())
-    return 100.0 * float(np.mean(aps)) if aps else float("nan")
+        step = max(1, _AP_CHUNK // max(1, len(order) * n_iou))
+        for lo in range(0, len(w), step):
+            chunk = slice(lo, lo + step)
+            q = _precision_at_recalls(
+                w[chunk][:, m.det_image[order]], m.det_tp[order], m.det_fp[order], n_gt[chunk, k]
+            )  # (r, T, R)
+            total[chunk] += np.where(n_gt[chunk, k] > 0, q.mean(axis=2).sum(axis=1), 0.0)
+    with np.errstate(invalid="ignore"):
+        ap = 100.0 * total / count
+    return float(ap[0]) if one else ap
 
 
-def _precision_at_recalls(tp: np.ndarray, fp: np.ndarray, n_gt: float) -> np.ndarray:
-    """COCOeval's interpolated precision at its 101 recall thresholds (0 beyond the last)."""
-    q = np.zeros(len(RECALL_THRESHOLDS))
-    if len(tp) == 0:
-        return q
-    rc = tp / n_gt
-    pr = tp / (fp + tp + np.spacing(1))
-    pr = np.maximum.accumulate(pr[::-1])[::-1]  # the precision envelope
-    inds = np.searchsorted(rc, RECALL_THRESHOLDS, side="left")
-    valid = inds < len(pr)
-    q[valid] = pr[inds[valid]]
-    return q
+def _precision_at_recalls(
+    dw: np.ndarray, tp: np.ndarray, fp: np.ndarray, n_gt: np.ndarray
+) -> np.ndarray:
+    """COCOeval's interpolated precision at its 101 recall thresholds (0 beyond the last), for
+    ``r`` draws at once: detection weights ``dw`` (r, d) in rank order, matches ``tp``/``fp``
+    (d, T), ground truth counts ``n_gt`` (r,); returns (r, T, R). A detection of weight 0 keeps
+    the cumulative counts of the one before it, which changes no interpolated precision."""
+    r, d = dw.shape
+    t, thresholds = tp.shape[1], RECALL_THRESHOLDS
+    if d == 0:
+        return np.zeros((r, t, len(thresholds)))
+    tps = np.cumsum(dw[:, :, None] * tp[None], axis=1)  # (r, d, T)
+    fps = np.cumsum(dw[:, :, None] * fp[None], axis=1)
+    # recall in [0, 1] (0 for a draw without ground truth, which the caller leaves out), as
+    # the sorted-rows trick below needs
+    rc = np.clip(tps / np.maximum(n_gt, 1e-12)[:, None, None], 0.0, 1.0)
+    pr = tps / (fps + tps + np.spacing(1))
+    pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # the precision envelope
+    # searchsorted(rc[b, :, t], thresholds, "left") for every (b, t) at once: rows of
+    # non-decreasing recalls in [0, 1] shifted by 2 per row form one sorted array
+    rows = np.transpose(rc, (0, 2, 1)).reshape(r * t, d)
+    offset = 2.0 * np.arange(r * t)[:, None]
+    inds = np.searchsorted((rows + offset).ravel(), (thresholds[None] + offset).ravel(), "left")
+    inds = inds.reshape(r * t, len(thresholds)) - d * np.arange(r * t)[:, None]
+    env = np.transpose(pr, (0, 2, 1)).reshape(r * t, d)
+    q = np.where(inds < d, np.take_along_axis(env, np.minimum(inds, d - 1), axis=1), 0.0)
+    return q.reshape(r, t, len(thresholds))
 
 
 # ---------------------------------------------------------------------------------------------

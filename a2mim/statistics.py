@@ -31,10 +31,13 @@ from scipy import stats as scipy_stats
 
 LEVEL = 0.95
 BOOTSTRAP_REPS = 1000
+# COCO AP costs draws x detections x IoU thresholds per run; 200 draws estimate its standard
+# error to about 5 % (relative), enough for a 95 % CI.
+DETECTION_BOOTSTRAP_REPS = 200
 BOOTSTRAP_SEED = 0
 _CHUNK_ELEMENTS = 4_000_000  # bootstrap weights drawn per chunk: reps x samples
 
-ScoreFn = Callable[[np.ndarray], float]  # per-sample weights (n,) -> metric (percent)
+ScoreFn = Callable[[np.ndarray], np.ndarray]  # weight rows (r, n) -> metrics (r,), percent
 
 
 class StatisticsError(ValueError):
@@ -121,6 +124,33 @@ class Bootstrap:
         return float(low), float(high)
 
 
+def bootstrap_scores(
+    score: ScoreFn, n: int, reps: int = BOOTSTRAP_REPS, seed: int = BOOTSTRAP_SEED
+) -> np.ndarray:
+    """One run's metric on each of the ``reps`` draws of :func:`bootstrap_weights` (the same
+    draws for every run given the same ``n``, ``reps`` and ``seed``: paired). ``score`` maps a
+    chunk of weight rows ``(r, n)`` to ``(r,)`` metrics."""
+    return np.concatenate(
+        [np.asarray(score(w), dtype=np.float64) for w in bootstrap_weights(n, reps, seed)]
+    )
+
+
+def paired_from_draws(
+    full_a: Sequence[float],
+    full_b: Sequence[float],
+    draws_a: Sequence[np.ndarray],
+    draws_b: Sequence[np.ndarray],
+    n: int,
+    level: float = LEVEL,
+) -> Bootstrap:
+    """The bootstrap of ``mean(A) - mean(B)`` from each run's metric on the full set
+    (``full_*``) and on the shared draws (``draws_*``, one array per seed)."""
+    if not draws_a or not draws_b:
+        raise StatisticsError("a paired bootstrap needs at least one run per method")
+    diff = float(np.mean(full_a) - np.mean(full_b))
+    return Bootstrap(diff, np.mean(draws_a, axis=0) - np.mean(draws_b, axis=0), n, level)
+
+
 def paired_bootstrap(
     scores_a: Sequence[ScoreFn],
     scores_b: Sequence[ScoreFn],
@@ -131,19 +161,17 @@ def paired_bootstrap(
 ) -> Bootstrap:
     """Bootstrap of ``mean(scores_a) - mean(scores_b)`` over ``n`` shared samples.
 
-    Each score function maps per-sample weights ``(n,)`` to a run's metric; the lists hold one
-    function per seed of each method. Every draw uses the same weights for every run (paired)."""
-    if not scores_a or not scores_b:
-        raise StatisticsError("paired_bootstrap needs at least one run per method")
-    ones = np.ones(n, dtype=np.int64)
-
-    def diff(weights: np.ndarray) -> float:
-        a = np.mean([f(weights) for f in scores_a])
-        b = np.mean([f(weights) for f in scores_b])
-        return float(a - b)
-
-    draws = [diff(w) for chunk in bootstrap_weights(n, reps, seed) for w in chunk]
-    return Bootstrap(diff(ones), np.asarray(draws), n, level)
+    Each score function maps weight rows ``(r, n)`` to a run's metrics ``(r,)``; the lists hold
+    one function per seed of each method. Every draw uses the same weights for every run."""
+    ones = np.ones((1, n))
+    return paired_from_draws(
+        [float(f(ones)[0]) for f in scores_a],
+        [float(f(ones)[0]) for f in scores_b],
+        [bootstrap_scores(f, n, reps, seed) for f in scores_a],
+        [bootstrap_scores(f, n, reps, seed) for f in scores_b],
+        n,
+        level,
+    )
 
 
 @dataclass(frozen=True)
@@ -257,10 +285,12 @@ __all__ = [
     "McNemar",
     "SeedSummary",
     "StatisticsError",
+    "bootstrap_scores",
     "bootstrap_weights",
     "difference_ci",
     "mcnemar_exact",
     "paired_bootstrap",
+    "paired_from_draws",
     "seed_summary",
     "t_quantile",
 ]

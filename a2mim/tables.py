@@ -562,6 +562,7 @@ class Evidence:
     def __init__(self, uri: str, folder: str | Path):
         self.uri, self.folder = uri, Path(folder)
         self._cache: dict[tuple[str, str], predictions.Predictions | None] = {}
+        self._draws: dict[tuple[str, str, int], tuple[float, np.ndarray]] = {}
 
     def load(self, run: Run, column: str) -> predictions.Predictions | None:
         """The predictions behind ``run``'s number in ``column`` (:func:`run_value`): the
@@ -574,6 +575,23 @@ class Evidence:
             path = download_artifact(self.uri, run.run_id, artifact, self.folder / run.run_id)
             self._cache[key] = None if path is None else predictions.read(path)
         return self._cache[key]
+
+    def draws(
+        self, run: Run, column: str, found: predictions.Predictions
+    ) -> tuple[float, np.ndarray]:
+        """``run``'s metric on its full validation set and on the shared bootstrap draws
+        (computed once per run and metric: a run takes part in several claims)."""
+        metric = column_metric(column)
+        n = len(found.ids)
+        key = (run.run_id, metric, n)
+        if key not in self._draws:
+            score = predictions.score_for(found, metric)
+            reps = statistics.BOOTSTRAP_REPS
+            if metric in ("ap_box", "ap_mask"):
+                reps = statistics.DETECTION_BOOTSTRAP_REPS
+            full = float(score(np.ones((1, n)))[0])
+            self._draws[key] = (full, statistics.bootstrap_scores(score, n, reps))
+        return self._draws[key]
 
 
 def pair_ci(upper: Cell, lower: Cell, evidence: Evidence | None) -> statistics.DifferenceCI:
@@ -591,10 +609,15 @@ def pair_ci(upper: Cell, lower: Cell, evidence: Evidence | None) -> statistics.D
     elif not all(np.array_equal(p.ids, found[0].ids) for p in found):
         why = "the runs' validation samples differ: no paired bootstrap"
     else:
-        metric = column_metric(upper.column)
-        scores = [predictions.score_for(p, metric) for p in found]
+        runs = (*upper.runs, *lower.runs)
+        full, draws = zip(
+            *(evidence.draws(r, upper.column, p) for r, p in zip(runs, found, strict=True)),
+            strict=True,
+        )
         n_up = len(upper.runs)
-        boot = statistics.paired_bootstrap(scores[:n_up], scores[n_up:], len(found[0].ids))
+        boot = statistics.paired_from_draws(
+            full[:n_up], full[n_up:], draws[:n_up], draws[n_up:], len(found[0].ids)
+        )
     ci = statistics.difference_ci(upper.values, lower.values, boot)
     if why:
         ci = replace(ci, note="; ".join(x for x in (ci.note, why) if x))
@@ -995,7 +1018,7 @@ def render_audit_md(
         "- Verdicts: for each pair of rows in the paper's order, the difference of ours (upper "
         "− lower, means over seeds) and its 95 % CI from the seeds (t-based, Welch) and from a "
         "paired bootstrap over the shared validation samples (images for AP / mIoU; "
-        f"{statistics.BOOTSTRAP_REPS} draws) of the per-sample predictions the runs stored. "
+        f"{statistics.BOOTSTRAP_REPS} draws, {statistics.DETECTION_BOOTSTRAP_REPS} for COCO AP) of the per-sample predictions the runs stored. "
         "`holds`: every CI above zero; `fails`: a CI below zero; `inconclusive`: a CI contains "
         "zero, or no CI exists (one seed each and no per-sample predictions): our runs cannot "
         "tell the order from noise.",

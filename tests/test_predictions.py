@@ -27,6 +27,7 @@ def test_classification_round_trip_and_weighted_top1(tmp_path):
     assert list(back.correct) == [True, False, True]
     assert back.score() == pytest.approx(200 / 3)
     assert back.score(np.array([0, 3, 1])) == pytest.approx(25.0)
+    assert back.score(np.array([[0, 3, 1], [1, 0, 0]])) == pytest.approx([25.0, 100.0])
     assert not list(tmp_path.glob("predictions/.*"))  # no temp file left
     with pytest.raises(pr.PredictionsError, match="each sample needs all three"):
         pr.classification(["a"], [0, 1], [0, 1])
@@ -61,6 +62,8 @@ def test_segmentation_miou_from_counts_equals_segmetrics():
     for i in (0, 1, 2, 2):
         dup.update(torch.as_tensor(preds[i])[None], torch.as_tensor(labels[i])[None])
     assert seg.score(np.array([1, 1, 2, 0])) == pytest.approx(dup.compute()["miou"], abs=1e-4)
+    rows = np.array([[1, 1, 2, 0], [1, 1, 1, 1]])
+    assert seg.score(rows) == pytest.approx([seg.score(rows[0]), seg.score()])
 
 
 def _coco(images, anns):
@@ -131,6 +134,10 @@ def test_detection_ap_from_matches_equals_cocoeval_full_and_duplicated(tmp_path)
     ev2 = _cocoeval(_coco(keep + list(copies.values()), anns2), dets2)
     assert det.ap("bbox", weights) == pytest.approx(100 * ev2.stats[0], abs=1e-9)
     assert pr.score_for(det, "ap_box")(weights) == det.ap("bbox", weights)
+    # many draws at once (the bootstrap's way) give each draw's AP
+    batch = det.ap("bbox", np.stack([weights, np.ones(n), np.roll(weights, 5)]))
+    singles = [det.ap("bbox", w) for w in (weights, np.ones(n), np.roll(weights, 5))]
+    assert batch == pytest.approx(singles, abs=1e-9)
     with pytest.raises(pr.PredictionsError, match="no segm matches"):
         det.ap("segm")
     with pytest.raises(pr.PredictionsError, match="cannot give metric 'top1'"):

@@ -56,7 +56,7 @@ def test_paired_bootstrap_of_top1_matches_the_analytic_paired_standard_error():
 
     def top1(correct):
         c = correct.astype(float)
-        return lambda w: 100.0 * (w @ c) / w.sum()
+        return lambda w: 100.0 * (w @ c) / w.sum(axis=-1)
 
     boot = st.paired_bootstrap([top1(a)], [top1(b)], n, reps=2000, seed=0)
     assert boot.diff == pytest.approx(100.0 * (a.mean() - b.mean()))
@@ -73,7 +73,7 @@ def test_paired_bootstrap_uses_one_draw_for_every_run():
     c = (np.arange(100) % 3 == 0).astype(float)
 
     def f(w):
-        return float(w @ c / w.sum())
+        return w @ c / w.sum(axis=-1)
 
     boot = st.paired_bootstrap([f, f], [f], 100, reps=200)
     assert np.allclose(boot.draws, 0.0) and boot.se == 0.0
