@@ -406,7 +406,16 @@ def expand_seeds(config: Mapping[str, Any]) -> dict[str, Any]:
             if not seeds[(stage, name)]:
                 runs[name] = {**base, "init": init_of(spec.get("init"), None)}
                 continue
+            if "seed" in (spec.get("set") or {}):
+                raise ConfigMatrixError(
+                    f"{stage}.{name}: give either seeds: (one run per seed) or set: {{seed: ...}}"
+                )
             for seed in seeds[(stage, name)]:
+                if seed_run_name(name, seed) in (config.get(stage) or {}):
+                    raise ConfigMatrixError(
+                        f"{stage}.{name}: seed {seed} makes run {seed_run_name(name, seed)!r}, "
+                        "which the config also names; rename one of them"
+                    )
                 runs[seed_run_name(name, seed)] = {
                     **base,
                     "init": init_of(spec.get("init"), seed),

@@ -168,8 +168,16 @@ def test_seeded_runs_get_one_job_folder_and_tag_each_and_follow_their_init(tmp_p
         (lambda c: c["linprobe"]["a2mim_r18"].update(seeds=[]), "seeds"),
         (lambda c: c["linprobe"]["a2mim_r18"].update(seeds=[1, 1]), "seeds"),
         (lambda c: c["datasets"]["fmnist"].update(paper="imagenet"), "imagenet"),
+        (
+            lambda c: c["linprobe"]["a2mim_r18"].update(set={"seed": 3}),
+            "give either seeds: (one run per seed) or set: {seed: ...}",
+        ),
+        (
+            lambda c: c["linprobe"].update(**{"a2mim_r18.seed1": c["linprobe"]["simmim_r18"]}),
+            "seed 1 makes run 'a2mim_r18.seed1', which the config also names",
+        ),
     ],
-    ids=["no-seed", "same-seed-twice", "unknown-paper-dataset"],
+    ids=["no-seed", "same-seed-twice", "unknown-paper-dataset", "set-seed", "name-clash"],
 )
 def test_bad_seeds_and_paper_datasets_are_refused(tmp_path, mutate, message) -> None:
     path = _mutated(tmp_path, mutate)
