@@ -24,7 +24,12 @@ text, an ADE20K file stem) and the arrays of its kind:
     (:meth:`DetectionPredictions.ap`): for uniform weights it equals COCOeval's AP.
 
 A reader gets an object with ``ids`` and ``score(weights)``, the metric (percent) over the
-samples weighted by ``weights`` (a bootstrap draw's multiplicities; all ones: the full set).
+samples weighted by ``weights`` (a bootstrap draw's multiplicities; None: the full set); weight
+rows ``(r, n)`` give ``r`` draws' metrics at once.
+
+Files per run: ``final.npz`` (the final evaluation, every stage) and, for fine-tuning,
+``best_last10.npz`` (the evaluation with the best top-1 of the last 10 epochs); classification
+runs also keep ``epoch_<e>.npz`` of the evaluations they choose from.
 """
 
 from __future__ import annotations
