@@ -618,6 +618,12 @@ def pair_ci(upper: Cell, lower: Cell, evidence: Evidence | None) -> statistics.D
         boot = statistics.paired_from_draws(
             full[:n_up], full[n_up:], draws[:n_up], draws[n_up:], len(found[0].ids)
         )
+    if boot is not None and len(found) == 2 and found[0].kind == "classification":
+        test = statistics.mcnemar_exact(found[0].correct, found[1].correct)
+        why = (
+            f"McNemar exact p = {test.p_value:.3g} ({upper.row} alone right on {test.a_only}, "
+            f"{lower.row} alone right on {test.b_only} of {len(found[0].ids)} samples)"
+        )
     ci = statistics.difference_ci(upper.values, lower.values, boot)
     if why:
         ci = replace(ci, note="; ".join(x for x in (ci.note, why) if x))
