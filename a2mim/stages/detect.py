@@ -311,7 +311,7 @@ def evaluate_detector(
     """Box and mask AP / AP50 / AP75 (percent) of ``model`` on ``dataset`` (its first
     ``limit`` images), by COCOeval. Each rank predicts a shard; rank 0's result covers all.
     Returns ``{"ap_box", "ap50_box", ..., "ap75_mask", "detections"}``; ``evaluators`` (when
-    given) receives the COCOeval objects (:func:`a2mim.data.coco.coco_evaluate`)."""
+    given) receives the COCOeval objects on rank 0 (:func:`a2mim.data.coco.coco_evaluate`)."""
     rank, world = world_info()
     count = len(dataset) if limit is None else min(limit, len(dataset))
     shard = list(range(rank, count, world))
@@ -325,19 +325,26 @@ def evaluate_detector(
             preds = model(images)
         results += to_coco_results(preds, [dataset.ids[i] for i in idx], dataset)
     model.train(was_training)
+    if world > 1:  # COCOeval on rank 0 only; the others get its metrics
+        gathered: list[Any] | None = [None] * world if rank == 0 else None
+        torch.distributed.gather_object(results, gathered, dst=0)
+        results = [r for part in gathered for r in part] if rank == 0 else []
+    metrics: dict[str, float] | None = None
+    if rank == 0:
+        ids = dataset.ids[:count]
+        gt = dataset.coco if count == len(dataset) else _subset_coco(dataset.coco, ids)
+        ap = coco_evaluate(gt, results, evaluators=evaluators)
+        metrics = {
+            f"{METRIC_NAMES[name]}_{IOU_SUFFIX[iou]}": value
+            for key, value in ap.items()
+            for iou, name in [key.split("/")]
+        }
+        metrics["detections"] = float(len(results))
     if world > 1:
-        gathered: list[Any] = [None] * world
-        torch.distributed.all_gather_object(gathered, results)
-        results = [r for part in gathered for r in part]
-    ids = dataset.ids[:count]
-    gt = dataset.coco if count == len(dataset) else _subset_coco(dataset.coco, ids)
-    ap = coco_evaluate(gt, results, evaluators=evaluators)
-    metrics = {
-        f"{METRIC_NAMES[name]}_{IOU_SUFFIX[iou]}": value
-        for key, value in ap.items()
-        for iou, name in [key.split("/")]
-    }
-    return {**metrics, "detections": float(len(results))}
+        box = [metrics]
+        torch.distributed.broadcast_object_list(box, src=0)
+        metrics = box[0]
+    return metrics
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -450,6 +457,7 @@ class DetectTask(engine.Task):
     COCOeval every ``eval_every_steps`` and at the end."""
 
     stage = "detect"
+    static_shapes = False  # images keep their aspect ratio: no cudnn.benchmark
     loss_format = ".3f"
     nonfinite_hint = (
         "lower solver.base_lr, lengthen the warm-up, or use norm: bn when training from scratch"
