@@ -36,4 +36,5 @@ rule all_tables:
     input:
         tables=M.table_outputs(),
         audit=f"{RESULTS}/tables/audit.md",
+        experiment=f"{RESULTS}/tables/experiment.md",
         figures=M.figure_outputs(),

@@ -305,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="paper Tables 1-5 beside our MLflow numbers, with an audit",
         description="Read the FINISHED MLflow runs tagged experiment=NAME (only MLflow, never "
         "result files) and write <out>/table1..table5 .md/.csv/.tex (paper, ours, delta per "
-        "cell) and <out>/audit.md/.json (do the paper's orderings hold?). With --table, only "
-        "those tables' files; with --audit-only, only the audit.",
+        "cell) and <out>/audit.md/.json (do the paper's orderings hold, beyond the 95 % CI of "
+        "seeds and validation samples?) and <out>/experiment.md/.csv (every run). With --table, "
+        "only those tables' files; with --audit-only, only the audit and experiment files.",
     )
     p.add_argument("--experiment", required=True, help="the workflow config's name (tag)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -327,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="only these tables: table1..table5 or their paper_tables.yaml keys",
     )
     p.add_argument(
-        "--audit-only", action="store_true", help="write only audit.md/.json (no table files)"
+        "--audit-only",
+        action="store_true",
+        help="write only audit.md/.json and experiment.md/.csv (no table files)",
     )
     p.set_defaults(func=_cmd_tables)
 

@@ -9,14 +9,29 @@ config's name) and ``cells``: comma-separated ``<table_key>/<row>/<column>`` nam
 before the first ``/`` and the column after the last). A cell's number is the final value (at the
 largest step) of the column's metric (:func:`column_metric`); an ``*_epochs`` column shows the
 ``pretrain_epochs`` tag of the runs that fill the row's cells it governs (:func:`epochs_scope`).
-Only FINISHED runs count; when several fill one cell the newest (latest end time) wins and the
-table says so.
+Only FINISHED runs count; when several fill one cell with the same ``seed`` tag the newest
+(latest end time) wins and the table says so. Runs of one cell with different seeds (a workflow
+run with ``seeds:``) give the cell their mean ± sample std and n.
+
+Which number of a run (:func:`run_value`): a fine-tuning run's top-1 is the best of its last 10
+epochs (``top1_best_last10``, the authors' rule; a run that lacks it gives its final top-1 and
+the table says so); every other cell takes the final evaluation. A cell shows a delta to the
+paper only when its runs used the paper's dataset (the ``paper_dataset`` tag the workflow sets
+from a dataset's ``paper:`` key); otherwise ours alone, and the table says why.
 
 The audit checks the orderings the paper reports that our runs can reproduce: in each metric
 column, A2MIM vs SimMIM (in the paper's direction), pretrained vs the supervised row (only where
 the paper has the pretrained row ahead), and in Table 5 the paper's ranking of the ablation rows.
-Ties in the paper make no claim. Each claim holds, fails (our order differs, ties included) or
-was not run.
+Ties in the paper make no claim. For each pair of rows in the paper's order it computes the
+95 % CI of our difference from the seeds and from a paired bootstrap over the validation samples
+(the per-sample predictions every evaluation stores, :mod:`a2mim.predictions`,
+:mod:`a2mim.statistics`). A claim ``holds`` when every CI lies above zero, ``fails`` when one
+lies below zero, is ``inconclusive`` when a CI contains zero or cannot be estimated (one seed
+and no predictions), and ``not run`` when a row has no number.
+
+Besides the paper's tables, ``experiment.md/.csv`` list every finished run of the experiment
+(run, stage, method, backbone, dataset, init, seed and every metric), also those that fill no
+paper cell.
 """
 
 from __future__ import annotations
@@ -27,22 +42,37 @@ import itertools
 import json
 import math
 import re
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
-from a2mim import atomic
-from a2mim.tracking import DEFAULT_EXPERIMENT, TrackingError, query_runs
+from a2mim import atomic, predictions, statistics
+from a2mim.tracking import DEFAULT_EXPERIMENT, TrackingError, download_artifact, query_runs
 
 PAPER_RESOURCE = "paper_tables.yaml"
 COMPARED_METHODS = ("A2MIM", "SimMIM")  # the pretrained rows our methods fill
 SUPERVISED_SUFFIX = "(Sup.)"  # "PyTorch (Sup.)", "DeiT (Sup.)": our from-scratch runs
 DETECTION_COLUMNS = ("coco_ap_box", "coco_ap_mask")
-CSV_FIELDS = ("table", "row", "column", "paper", "ours", "delta", "run_id", "scale")
+CSV_FIELDS = (
+    "table", "row", "column", "paper", "ours", "delta", "run_id", "scale",
+    "std", "n_seeds", "seeds", "rule", "dataset",
+)  # fmt: skip
+RULE_FINAL = "final"
+RULE_BEST_LAST10 = "best of last 10 epochs"
+BEST_LAST10_METRIC = "top1_best_last10"
+VERDICTS = ("holds", "fails", "inconclusive", "not run")
+PAPER_DATASET_NAMES = {
+    "imagenet-1k": "ImageNet-1K",
+    "imagenet-100": "ImageNet-100",
+    "coco-2017": "COCO 2017",
+    "ade20k": "ADE20K",
+}
 WORKFLOW_HINT = (
     "to make the runs, run the workflow with the config whose `experiment:` is {experiment!r} "
     "(`snakemake --configfile workflow/config/<that config>.yaml all_tables`); if it ran, point "
@@ -139,6 +169,16 @@ def column_metric(column: str) -> str | None:
     )
 
 
+def paper_dataset(table_key: str, column: str) -> str:
+    """The paper's dataset of a column: COCO 2017 (AP), ADE20K (mIoU), ImageNet-100 (Table 5),
+    else ImageNet-1K (a key of :data:`PAPER_DATASET_NAMES`)."""
+    if column in DETECTION_COLUMNS:
+        return "coco-2017"
+    if column == "ade20k_miou":
+        return "ade20k"
+    return "imagenet-100" if table_key.endswith("_in100") else "imagenet-1k"
+
+
 def epochs_scope(table: PaperTable, column: str) -> tuple[str, ...]:
     """The metric columns whose runs give an epochs column its value: ``fast_epochs`` governs
     ``fast_*``, a bare ``epochs`` every metric column of the table."""
@@ -165,6 +205,34 @@ class Run:
 
     def cells(self) -> list[str]:
         return [c.strip() for c in self.tags.get("cells", "").split(",") if c.strip()]
+
+    @property
+    def name(self) -> str:
+        return self.tags.get("run_name", self.run_id)
+
+
+def run_value(run: Run, column: str) -> tuple[float | None, str, str]:
+    """``(value, metric, rule)`` of ``run`` in a metric column: a fine-tuning run's top-1 is
+    the best of its last 10 epochs (``top1_best_last10``) when logged, else its final ``top1``;
+    every other run's metric is its final value."""
+    metric = column_metric(column)
+    finetune = metric == "top1" and run.tags.get("stage") == "finetune"
+    if finetune and BEST_LAST10_METRIC in run.metrics:
+        return run.metrics[BEST_LAST10_METRIC], BEST_LAST10_METRIC, RULE_BEST_LAST10
+    return run.metrics.get(metric), metric, RULE_FINAL
+
+
+def seed_winners(runs: Sequence[Run]) -> list[Run]:
+    """The newest run (``runs`` are newest first) of each ``seed`` tag, ordered by seed (runs
+    without the tag count as one seed)."""
+    by_seed: dict[str, Run] = {}
+    for run in runs:
+        by_seed.setdefault(run.tags.get("seed", ""), run)
+    return [by_seed[k] for k in sorted(by_seed, key=_seed_key)]
+
+
+def _seed_key(seed: str) -> tuple[int, str]:
+    return (int(seed), "") if seed.isdigit() else (-1, seed)
 
 
 def finished_runs(
@@ -264,21 +332,37 @@ def assign_cells(runs: Sequence[Run], tables: Mapping[str, PaperTable]) -> dict[
 
 @dataclass(frozen=True)
 class Cell:
-    """Paper and ours in one (row, column); ``ours`` is text when runs disagree on epochs."""
+    """Paper and ours in one (row, column); ``ours`` is text when runs disagree on epochs.
+
+    A metric cell's ``ours`` is the mean of ``values`` (one per seed, from ``runs``), ``std``
+    their sample std (None for one seed), ``rule`` which number of a run it is (:func:`run_value`)
+    and ``paper_data`` whether every run used the paper's dataset (else no delta)."""
 
     row: str
     column: str
     paper: float | None
     ours: float | str | None = None
     run_ids: tuple[str, ...] = ()
+    values: tuple[float, ...] = ()
+    std: float | None = None
+    seeds: tuple[str, ...] = ()
+    runs: tuple[Run, ...] = ()
+    rule: str = ""
+    metric: str = ""
+    datasets: tuple[str, ...] = ()
+    paper_data: bool = True
 
     @property
     def ran(self) -> bool:
         return bool(self.run_ids)
 
     @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
     def delta(self) -> float | None:
-        if self.paper is None or not isinstance(self.ours, (int, float)):
+        if self.paper is None or not isinstance(self.ours, (int, float)) or not self.paper_data:
             return None
         return round(self.ours - self.paper, 10)
 
@@ -292,6 +376,7 @@ class TableResult:
     backbones: tuple[str, ...]
     backends: tuple[str, ...]  # detection backends of the runs filling COCO cells
     notes: tuple[str, ...]
+    datasets: tuple[str, ...] = ()  # dataset tags of the runs filling metric cells
 
     @property
     def has_detection(self) -> bool:
@@ -320,20 +405,53 @@ def _number(text: str) -> float | str:
 
 
 def _metric_cell(table: PaperTable, row: str, column: str, runs: list[Run], notes: list[str]):
+    """Our number of one metric cell: the mean over the newest run of each seed."""
     paper = table.paper(row, column)
     if not runs:
         return Cell(row, column, paper)
-    winner, metric = runs[0], column_metric(column)
-    if len(runs) > 1:
-        older = ", ".join(r.run_id for r in runs[1:])
+    winners = seed_winners(runs)
+    older = [r for r in runs if r not in winners]
+    if older:
         notes.append(
-            f"{row} / {column}: {len(runs)} finished runs fill this cell; the newest, "
-            f"{winner.run_id}, is used (older: {older})."
+            f"{row} / {column}: {len(runs)} finished runs fill this cell; the newest of each "
+            f"seed, {', '.join(r.run_id for r in winners)}, is used (older: "
+            f"{', '.join(r.run_id for r in older)})."
         )
-    value = winner.metrics.get(metric)
-    if value is None:
-        notes.append(f"{row} / {column}: run {winner.run_id} has no metric {metric!r}.")
-    return Cell(row, column, paper, value, (winner.run_id,))
+    kept, values, rules = [], [], set()
+    for run in winners:
+        value, metric, rule = run_value(run, column)
+        if value is None:
+            notes.append(f"{row} / {column}: run {run.run_id} has no metric {metric!r}.")
+            continue
+        if run.tags.get("stage") == "finetune" and metric == "top1":
+            notes.append(
+                f"{row} / {column}: run {run.run_id} logged no {BEST_LAST10_METRIC}; its final "
+                "top-1 is used."
+            )
+        kept.append(run)
+        values.append(float(value))
+        rules.add(rule)
+    datasets = tuple(sorted({r.tags.get("dataset", "unknown") for r in winners}))
+    wanted = paper_dataset(table.key, column)
+    on_paper_data = all(r.tags.get("paper_dataset") == wanted for r in winners)
+    if not values:
+        return Cell(row, column, paper, None, tuple(r.run_id for r in winners), datasets=datasets)
+    summary = statistics.seed_summary(values)
+    return Cell(
+        row,
+        column,
+        paper,
+        summary.mean,
+        tuple(r.run_id for r in kept),
+        tuple(values),
+        summary.std if summary.n > 1 else None,
+        tuple(r.tags.get("seed", "") for r in kept),
+        tuple(kept),
+        " + ".join(sorted(rules)),
+        column_metric(column),
+        datasets,
+        on_paper_data,
+    )
 
 
 def _epochs_cell(table: PaperTable, row: str, column: str, runs: list[Run], notes: list[str]):
@@ -368,19 +486,32 @@ def build_table(table: PaperTable, slots: Mapping[Slot, list[Run]]) -> TableResu
                 cells[(row, column)] = _metric_cell(table, row, column, runs, notes)
         for column in filter(is_epochs, table.columns):
             scope = [
-                slots[(table.key, row, c)][0]
+                run
                 for c in epochs_scope(table, column)
                 if (table.key, row, c) in slots
+                for run in seed_winners(slots[(table.key, row, c)])
             ]
             cells[(row, column)] = _epochs_cell(table, row, column, scope, notes)
-    winners = {k: v[0] for k, v in slots.items() if k[0] == table.key}
-    detection = [r for (_, _, c), r in winners.items() if c in DETECTION_COLUMNS]
+    winners = {k: seed_winners(v) for k, v in slots.items() if k[0] == table.key}
+    every = [r for runs in winners.values() for r in runs]
+    detection = [r for (_, _, c), runs in winners.items() if c in DETECTION_COLUMNS for r in runs]
+    datasets = _distinct(every, "dataset")
+    withheld = [c for c in cells.values() if c.ran and c.paper is not None and not c.paper_data]
+    if withheld:
+        needed = sorted({PAPER_DATASET_NAMES[paper_dataset(table.key, c.column)] for c in withheld})
+        notes.append(
+            f"No delta to the paper in {len(withheld)} cell(s): their runs did not use the "
+            f"paper's dataset ({', '.join(needed)}; our runs: {', '.join(datasets)}), so ours "
+            "is shown alone. A workflow dataset declared `paper: <name>` tags its runs "
+            "`paper_dataset`."
+        )
     return TableResult(
         table,
         cells,
-        _distinct(winners.values(), "backbone"),
+        _distinct(every, "backbone"),
         _distinct(detection, "backend"),
         tuple(notes),
+        datasets if every else (),
     )
 
 
@@ -390,14 +521,20 @@ def build_table(table: PaperTable, slots: Mapping[Slot, list[Run]]) -> TableResu
 
 @dataclass(frozen=True)
 class Claim:
-    """The paper ranks ``rows`` best first in ``column``; do our numbers rank them alike?"""
+    """The paper ranks ``rows`` best first in ``column``; do our numbers rank them alike?
+
+    ``cis[i]``: the 95 % CI of ``ours[i] - ours[i + 1]`` (seeds and samples); ``seeds[i]``:
+    the number of seeds behind ``ours[i]``."""
 
     table: str
     column: str
     rows: tuple[str, ...]
     paper: tuple[float, ...]
     ours: tuple[float | None, ...]
-    run_ids: tuple[str | None, ...]
+    run_ids: tuple[tuple[str, ...], ...]
+    cis: tuple[statistics.DifferenceCI, ...] = ()
+    seeds: tuple[int, ...] = ()
+    std: tuple[float | None, ...] = ()
 
     @property
     def text(self) -> str:
@@ -405,16 +542,99 @@ class Claim:
 
     @property
     def verdict(self) -> str:
-        """``holds`` if ours are strictly in the paper's order, ``not run`` if any is missing."""
+        """``not run`` if a number is missing; ``holds`` if every difference in the paper's
+        order has a CI above zero, ``fails`` if one has a CI below zero, else ``inconclusive``
+        (a CI contains zero, or there is none: one seed and no per-sample predictions)."""
         if any(not isinstance(v, (int, float)) for v in self.ours):
             return "not run"
-        ordered = all(a > b for a, b in itertools.pairwise(self.ours))
-        return "holds" if ordered else "fails"
+        if len(self.cis) != len(self.rows) - 1:
+            return "inconclusive"
+        signs = [ci.sign for ci in self.cis]
+        if all(sign == 1 for sign in signs):
+            return "holds"
+        return "fails" if any(sign == -1 for sign in signs) else "inconclusive"
 
 
-def _ranked(result: TableResult, column: str, rows: Sequence[str]) -> Claim | None:
+class Evidence:
+    """Per-sample predictions of runs, from their MLflow artifacts (``predictions/*.npz``),
+    downloaded into ``folder`` once per run and file."""
+
+    def __init__(self, uri: str, folder: str | Path):
+        self.uri, self.folder = uri, Path(folder)
+        self._cache: dict[tuple[str, str], predictions.Predictions | None] = {}
+        self._draws: dict[tuple[str, str, int], tuple[float, np.ndarray]] = {}
+
+    def load(self, run: Run, column: str) -> predictions.Predictions | None:
+        """The predictions behind ``run``'s number in ``column`` (:func:`run_value`): the
+        best-of-last-10 evaluation's for that rule, else the final one's; None if not logged."""
+        _, metric, _ = run_value(run, column)
+        name = predictions.BEST_LAST10 if metric == BEST_LAST10_METRIC else predictions.FINAL
+        key = (run.run_id, name)
+        if key not in self._cache:
+            artifact = f"{predictions.FOLDER}/{name}.npz"
+            path = download_artifact(self.uri, run.run_id, artifact, self.folder / run.run_id)
+            self._cache[key] = None if path is None else predictions.read(path)
+        return self._cache[key]
+
+    def draws(
+        self, run: Run, column: str, found: predictions.Predictions
+    ) -> tuple[float, np.ndarray]:
+        """``run``'s metric on its full validation set and on the shared bootstrap draws
+        (computed once per run and metric: a run takes part in several claims)."""
+        metric = column_metric(column)
+        n = len(found.ids)
+        key = (run.run_id, metric, n)
+        if key not in self._draws:
+            score = predictions.score_for(found, metric)
+            reps = statistics.BOOTSTRAP_REPS
+            if metric in ("ap_box", "ap_mask"):
+                reps = statistics.DETECTION_BOOTSTRAP_REPS
+            full = float(score(np.ones((1, n)))[0])
+            self._draws[key] = (full, statistics.bootstrap_scores(score, n, reps))
+        return self._draws[key]
+
+
+def pair_ci(upper: Cell, lower: Cell, evidence: Evidence | None) -> statistics.DifferenceCI:
+    """The 95 % CI of ``upper - lower`` (seed means) from the seeds and, when every run stored
+    predictions on one shared validation set, a paired bootstrap over its samples."""
+    boot, why = None, ""
+    found = [evidence.load(r, upper.column) for r in (*upper.runs, *lower.runs)] if evidence else []
+    missing = [
+        r.run_id for r, p in zip((*upper.runs, *lower.runs), found, strict=False) if p is None
+    ]
+    if evidence is None:
+        why = "per-sample predictions not read"
+    elif missing:
+        why = f"no per-sample predictions for run(s) {', '.join(missing)}"
+    elif not all(np.array_equal(p.ids, found[0].ids) for p in found):
+        why = "the runs' validation samples differ: no paired bootstrap"
+    else:
+        runs = (*upper.runs, *lower.runs)
+        full, draws = zip(
+            *(evidence.draws(r, upper.column, p) for r, p in zip(runs, found, strict=True)),
+            strict=True,
+        )
+        n_up = len(upper.runs)
+        boot = statistics.paired_from_draws(
+            full[:n_up], full[n_up:], draws[:n_up], draws[n_up:], len(found[0].ids)
+        )
+    if boot is not None and len(found) == 2 and found[0].kind == "classification":
+        test = statistics.mcnemar_exact(found[0].correct, found[1].correct)
+        why = (
+            f"McNemar exact p = {test.p_value:.3g} ({upper.row} alone right on {test.a_only}, "
+            f"{lower.row} alone right on {test.b_only} of {len(found[0].ids)} samples)"
+        )
+    ci = statistics.difference_ci(upper.values, lower.values, boot)
+    if why:
+        ci = replace(ci, note="; ".join(x for x in (ci.note, why) if x))
+    return ci
+
+
+def _ranked(
+    result: TableResult, column: str, rows: Sequence[str], evidence: Evidence | None = None
+) -> Claim | None:
     """The paper's strict ranking of ``rows`` in ``column`` (None when a number is missing or
-    tied: the paper then makes no claim)."""
+    tied: the paper then makes no claim), with the CI of each adjacent difference of ours."""
     table = result.paper
     paper = {r: table.paper(r, column) for r in rows}
     if len(rows) < 2 or any(v is None for v in paper.values()):
@@ -423,13 +643,18 @@ def _ranked(result: TableResult, column: str, rows: Sequence[str]) -> Claim | No
     if any(paper[a] == paper[b] for a, b in itertools.pairwise(order)):
         return None
     cells = [result.cells[(r, column)] for r in order]
+    ran = all(isinstance(c.ours, (int, float)) for c in cells)
+    cis = tuple(pair_ci(a, b, evidence) for a, b in itertools.pairwise(cells)) if ran else ()
     return Claim(
         table.key,
         column,
         tuple(order),
         tuple(paper[r] for r in order),
         tuple(c.ours for c in cells),
-        tuple(c.run_ids[0] if c.run_ids else None for c in cells),
+        tuple(c.run_ids for c in cells),
+        cis,
+        tuple(c.n for c in cells),
+        tuple(c.std for c in cells),
     )
 
 
@@ -446,9 +671,10 @@ def _pairs(table: PaperTable, column: str) -> list[tuple[str, ...]]:
     return groups
 
 
-def table_claims(result: TableResult) -> list[Claim]:
+def table_claims(result: TableResult, evidence: Evidence | None = None) -> list[Claim]:
     """The checkable claims of one table. A table without A2MIM/SimMIM rows is an ablation
-    (Table 5): its claim is the paper's ranking of all its rows, per column."""
+    (Table 5): its claim is the paper's ranking of all its rows, per column. ``evidence``
+    supplies per-sample predictions for the CIs (None: seeds only)."""
     table = result.paper
     claims = []
     for column in (c for c in table.columns if not is_epochs(c)):
@@ -456,7 +682,7 @@ def table_claims(result: TableResult) -> list[Claim]:
             groups = _pairs(table, column)
         else:
             groups = [tuple(table.rows)]
-        claims += [c for g in groups if (c := _ranked(result, column, g)) is not None]
+        claims += [c for g in groups if (c := _ranked(result, column, g, evidence)) is not None]
     return claims
 
 
@@ -472,12 +698,21 @@ def _fmt(value: float | str | None, decimals: int) -> str:
     return "nan" if math.isnan(value) else f"{value:.{decimals}f}"
 
 
+def ours_text(cell: Cell, decimals: int, pm: str = "±") -> str:
+    """Our number: ``mean ± std (n=k)`` over seeds when there are several, else the value."""
+    ours = _fmt(cell.ours, decimals)
+    if cell.std is None or not ours:
+        return ours
+    return f"{ours} {pm} {_fmt(cell.std, decimals)} (n={cell.n})"
+
+
 def cell_text(cell: Cell, decimals: int) -> str:
-    """``paper / ours (delta)``; only the paper's number when we did not run the cell."""
+    """``paper / ours (delta)``; only the paper's number when we did not run the cell; no
+    delta when our runs did not use the paper's dataset."""
     paper = _fmt(cell.paper, decimals) or "–"
     if not cell.ran:
         return paper
-    ours = _fmt(cell.ours, decimals) or "missing"
+    ours = ours_text(cell, decimals) or "missing"
     delta = cell.delta
     return f"{paper} / {ours}" + ("" if delta is None else f" ({delta:+.{decimals}f})")
 
@@ -492,25 +727,47 @@ def _toy_warning(source: Source, backbones: Sequence[str]) -> str:
 
 
 def _header_lines(result: TableResult, source: Source) -> list[str]:
+    table = result.paper
+    theirs = sorted({PAPER_DATASET_NAMES[paper_dataset(table.key, c)] for c in table.columns})
     lines = [
         f"Experiment `{source.experiment}` · scale `{source.scale}` · MLflow `{source.uri}` "
         f"(MLflow experiment `{source.mlflow_experiment}`)",
         f"Backbone(s) used (tag `backbone`): {', '.join(result.backbones) or 'none yet'}",
+        f"Dataset(s) used (tag `dataset`): {', '.join(result.datasets) or 'none yet'} · the "
+        f"paper's: {', '.join(theirs)}",
     ]
     if result.has_detection:
         lines.append(f"Detection backend(s): {', '.join(result.backends) or 'none (no COCO run)'}")
     return lines
 
 
+def _rules(result: TableResult) -> str:
+    """Which number of a run each column's cells show (:func:`run_value`)."""
+    by_column: dict[str, set[str]] = {}
+    for cell in result.cells.values():
+        if cell.rule:
+            by_column.setdefault(cell.column, set()).update(cell.rule.split(" + "))
+    if not by_column:
+        return ""
+    parts = [f"{c}: {' + '.join(sorted(r))}" for c, r in by_column.items()]
+    return (
+        f"Rule per column ({'; '.join(parts)}): fine-tuning cells take the best top-1 of the "
+        f"last 10 epochs (`{BEST_LAST10_METRIC}`, the authors' rule; the final top-1 is "
+        "`top1_final` in experiment.md); every other cell takes the final evaluation."
+    )
+
+
 def _footnotes(result: TableResult) -> list[str]:
     metrics = sorted({m for c in result.paper.columns if (m := column_metric(c))})
+    rules = _rules(result)
     return [
-        "Each cell: paper / ours (Δ = ours − paper); the paper's number alone: not run by us; "
-        "–: no number.",
-        f"Ours: the final value (at the largest step) of the MLflow metric ({', '.join(metrics)}) "
-        "of the FINISHED run whose `cells` tag names the cell; when several finished runs fill "
-        "one cell, the newest (latest end time) is used. Epochs: the `pretrain_epochs` tag of "
-        "the runs that fill the row's cells.",
+        "Each cell: paper / ours (Δ = ours − paper); ours as mean ± sample std (n=seeds) when "
+        "several seeds ran; the paper's number alone: not run by us; –: no number.",
+        f"Ours: the value at the largest step of the MLflow metric ({', '.join(metrics)}) of "
+        "the FINISHED runs whose `cells` tag names the cell; when several finished runs with "
+        "one seed fill a cell, the newest (latest end time) is used. Epochs: the "
+        "`pretrain_epochs` tag of the runs that fill the row's cells.",
+        *([rules] if rules else []),
         *result.notes,
     ]
 
@@ -573,6 +830,11 @@ def render_csv(result: TableResult, source: Source) -> str:
                     _csv_value(cell.delta),
                     ";".join(cell.run_ids),
                     source.scale if cell.ran else "",
+                    _csv_value(cell.std),
+                    str(cell.n) if cell.values else "",
+                    ";".join(cell.seeds),
+                    cell.rule,
+                    ";".join(cell.datasets),
                 ]
             )
     return out.getvalue()
@@ -586,6 +848,7 @@ _LATEX_SPECIAL = {c: "\\" + c for c in "&%$#_{}"} | {
     "Δ": r"$\Delta$",
     "−": "$-$",
     "·": r"$\cdot$",
+    "±": r"$\pm$",
 }
 
 
@@ -611,7 +874,7 @@ def render_latex(result: TableResult, source: Source) -> str:
         for column in table.columns:
             cell, d = result.cells[(row, column)], table.decimals(column)
             delta = "" if cell.delta is None else f"{cell.delta:+.{d}f}"
-            ours = _fmt(cell.ours, d) or ("missing" if cell.ran else "")
+            ours = ours_text(cell, d) or ("missing" if cell.ran else "")
             values += [_fmt(cell.paper, d) or "--", latex_escape(ours), delta]
         lines.append(" & ".join(values) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
@@ -635,11 +898,43 @@ def _claim_numbers(values: Sequence[float | None], decimals: int, sep: str) -> s
     return sep.join(_fmt(v, decimals) if v is not None else "not run" for v in values)
 
 
+def _claim_ours(c: Claim, decimals: int) -> str:
+    """Ours per row, ``mean ± std`` where a row has several seeds."""
+    parts = []
+    for i, value in enumerate(c.ours):
+        text = _fmt(value, decimals) if value is not None else "not run"
+        std = c.std[i] if i < len(c.std) else None
+        parts.append(text if std is None else f"{text} ± {_fmt(std, decimals)}")
+    return " vs ".join(parts)
+
+
+def _ci_text(ci: statistics.DifferenceCI, decimals: int) -> str:
+    if ci.low is None:
+        return f"{ci.diff:+.{decimals}f} [no CI]"
+    return f"{ci.diff:+.{decimals}f} [{ci.low:+.{decimals}f}, {ci.high:+.{decimals}f}]"
+
+
+def _ci_record(ci: statistics.DifferenceCI) -> dict[str, Any]:
+    return {
+        "diff": ci.diff,
+        "low": ci.low,
+        "high": ci.high,
+        "se": ci.se,
+        "df": None if ci.df is None or math.isinf(ci.df) else ci.df,
+        "level": statistics.LEVEL,
+        "sources": list(ci.sources),
+        "n_seeds": [ci.n_seeds_a, ci.n_seeds_b],
+        "n_samples": ci.n_samples,
+        "note": ci.note,
+    }
+
+
 def audit_record(
     claims: Sequence[Claim], results: Mapping[str, TableResult], source: Source
 ) -> dict[str, Any]:
-    """The audit as JSON-ready data: the source, counts per verdict and every claim."""
-    counts = {v: sum(c.verdict == v for c in claims) for v in ("holds", "fails", "not run")}
+    """The audit as JSON-ready data: the source, counts per verdict and every claim with the
+    CI of each adjacent difference (``cis``), the seeds per row and the sample counts."""
+    counts = {v: sum(c.verdict == v for c in claims) for v in VERDICTS}
     return {
         "experiment": source.experiment,
         "scale": source.scale,
@@ -658,7 +953,10 @@ def audit_record(
                 "rows": list(c.rows),
                 "paper": list(c.paper),
                 "ours": list(c.ours),
-                "run_ids": list(c.run_ids),
+                "std": list(c.std),
+                "seeds": list(c.seeds),
+                "run_ids": [list(ids) for ids in c.run_ids],
+                "cis": [_ci_record(ci) for ci in c.cis],
                 "verdict": c.verdict,
             }
             for c in claims
@@ -676,37 +974,155 @@ def render_audit_md(
         "",
         f"- Scale `{source.scale}` · MLflow `{source.uri}` "
         f"(MLflow experiment `{source.mlflow_experiment}`)",
-        f"- Holds: {counts['holds']} · fails: {counts['fails']} · not run: {counts['not run']}",
+        f"- Holds: {counts['holds']} · fails: {counts['fails']} · inconclusive: "
+        f"{counts['inconclusive']} · not run: {counts['not run']}",
         "",
     ]
     if not source.comparable:
         backbones = sorted({b for r in results.values() for b in r.backbones})
         lines += [_toy_warning(source, backbones), ""]
-    body = []
+    body, notes = [], []
     for c in claims:
         table = results[c.table].paper
         d = max(table.decimals(c.column), 1)
+        samples = sorted({ci.n_samples for ci in c.cis if ci.n_samples is not None})
         body.append(
             [
                 table.short,
                 c.column,
                 c.text,
                 _claim_numbers(c.paper, d, " > "),
-                _claim_numbers(c.ours, d, " vs "),
+                _claim_ours(c, d),
+                "; ".join(_ci_text(ci, d) for ci in c.cis) or "–",
+                " vs ".join(map(str, c.seeds)) if c.cis else "–",
+                ", ".join(map(str, samples)) or "–",
                 c.verdict,
             ]
         )
+        for a, b, ci in zip(c.rows, c.rows[1:], c.cis, strict=False):
+            if ci.note:
+                notes.append(f"{table.short} / {c.column} / {a} − {b}: {ci.note}.")
     lines += _md_grid(
-        ["Table", "Column", "Claim (paper's order)", "Paper", "Ours", "Verdict"], body
+        [
+            "Table",
+            "Column",
+            "Claim (paper's order)",
+            "Paper",
+            "Ours",
+            "Difference [95 % CI]",
+            "Seeds",
+            "Samples",
+            "Verdict",
+        ],
+        body,
     )
     lines += [
         "",
         "- Claims: in each metric column, A2MIM vs SimMIM in the paper's order; a pretrained row "
         "above the supervised row where the paper has it there; in an ablation table the paper's "
-        "ranking of its rows. Ties in the paper make no claim; a tie in ours fails.",
-        "- Ours: the numbers of the tables (newest FINISHED run per cell).",
+        "ranking of its rows. Ties in the paper make no claim.",
+        "- Verdicts: for each pair of rows in the paper's order, the difference of ours (upper "
+        "− lower, means over seeds) and its 95 % CI from the seeds (t-based, Welch) and from a "
+        "paired bootstrap over the shared validation samples (images for AP / mIoU; "
+        f"{statistics.BOOTSTRAP_REPS} draws, {statistics.DETECTION_BOOTSTRAP_REPS} for COCO AP) of the per-sample predictions the runs stored. "
+        "`holds`: every CI above zero; `fails`: a CI below zero; `inconclusive`: a CI contains "
+        "zero, or no CI exists (one seed each and no per-sample predictions): our runs cannot "
+        "tell the order from noise.",
+        "- Ours: the numbers of the tables (per seed the newest FINISHED run; fine-tuning: best "
+        "top-1 of the last 10 epochs). Seeds: runs per row. Samples: validation samples of the "
+        "bootstrap.",
+        *[f"- {note}" for note in notes],
     ]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment table: every run, also those that fill no paper cell
+
+EXPERIMENT_FIELDS = (
+    "run", "stage", "method", "backbone", "dataset", "paper_dataset", "init", "seed", "run_id",
+)  # fmt: skip
+
+
+def experiment_rows(runs: Sequence[Run]) -> tuple[list[dict[str, str]], list[str]]:
+    """One row per run (by stage, then name, then seed) and the sorted union of metric names."""
+    metrics = sorted({m for r in runs for m in r.metrics})
+    order = {s: i for i, s in enumerate(("pretrain", "finetune", "linprobe", "detect", "segment"))}
+    rows = []
+    for run in sorted(
+        runs,
+        key=lambda r: (
+            order.get(r.tags.get("stage", ""), 9),
+            r.name,
+            _seed_key(r.tags.get("seed", "")),
+        ),
+    ):
+        t = run.tags
+        row = {
+            "run": run.name,
+            "stage": t.get("stage", ""),
+            "method": t.get("method", ""),
+            "backbone": t.get("backbone", ""),
+            "dataset": t.get("dataset", ""),
+            "paper_dataset": t.get("paper_dataset", ""),
+            "init": t.get("pretrain_run", ""),
+            "seed": t.get("seed", ""),
+            "run_id": run.run_id,
+        }
+        rows.append(row | {m: run.metrics[m] for m in metrics if m in run.metrics})
+    return rows, metrics
+
+
+def render_experiment_csv(runs: Sequence[Run]) -> str:
+    rows, metrics = experiment_rows(runs)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, [*EXPERIMENT_FIELDS, *metrics], lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_value(v) if not isinstance(v, str) else v for k, v in row.items()})
+    return out.getvalue()
+
+
+def render_experiment_md(runs: Sequence[Run], source: Source) -> str:
+    """Every finished run of the experiment with its setup and every final metric."""
+    rows, _ = experiment_rows(runs)
+    lines = [
+        f"## Every run of experiment `{source.experiment}`",
+        "",
+        f"- Scale `{source.scale}` · MLflow `{source.uri}` "
+        f"(MLflow experiment `{source.mlflow_experiment}`) · {len(rows)} FINISHED runs",
+        "",
+    ]
+    body = []
+    for row in rows:
+        metrics = [f"{k}={_metric_text(v)}" for k, v in row.items() if k not in EXPERIMENT_FIELDS]
+        dataset = row["dataset"] + (f" ({row['paper_dataset']})" if row["paper_dataset"] else "")
+        body.append(
+            [
+                row["run"],
+                row["stage"],
+                row["method"],
+                row["backbone"],
+                dataset,
+                row["init"],
+                row["seed"],
+                ", ".join(metrics),
+            ]
+        )
+    header = ["Run", "Stage", "Method", "Backbone", "Dataset", "Init", "Seed", "Metrics"]
+    lines += [*_md_grid(header, body), ""]
+    lines += [
+        "- Metrics: the value at the largest step of every MLflow metric of the run; "
+        "fine-tuning runs have `top1_final` (last epoch) and `top1_best_last10` (best of the "
+        "last 10 epochs, the authors' rule). Dataset: the workflow's dataset name (the paper's "
+        "dataset in parentheses when declared). Init: the run it started from. The same rows "
+        "with one column per metric: experiment.csv."
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _metric_text(value: float) -> str:
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -737,8 +1153,8 @@ def render_outputs(
     """File name -> text of the outputs; reads MLflow and writes nothing.
 
     ``<short>.md/.csv/.tex`` for each selected table (all for ``names`` None), and
-    ``audit.md/.json`` over the selected tables when all are selected or ``audit_only`` (then no
-    table files), so that the workflow's per-table targets and its audit target never write the
+    ``audit.md/.json`` over the selected tables plus ``experiment.md/.csv`` (every run) when all
+    are selected or ``audit_only`` (then no table files), so that the workflow's per-table targets and its audit target never write the
     same file."""
     tables = load_paper_tables()
     keys = select_tables(tables, names)
@@ -753,9 +1169,13 @@ def render_outputs(
         files[f"{short}.csv"] = render_csv(result, source)
         files[f"{short}.tex"] = render_latex(result, source)
     if audit_only or not names:
-        claims = [c for r in results.values() for c in table_claims(r)]
+        with tempfile.TemporaryDirectory(prefix="a2mim-audit-") as folder:
+            evidence = Evidence(uri, folder)
+            claims = [c for r in results.values() for c in table_claims(r, evidence)]
         files["audit.md"] = render_audit_md(claims, results, source)
         files["audit.json"] = json.dumps(audit_record(claims, results, source), indent=2) + "\n"
+        files["experiment.md"] = render_experiment_md(runs, source)
+        files["experiment.csv"] = render_experiment_csv(runs)
     return files
 
 

@@ -630,10 +630,25 @@ def query_runs(
             return rows
 
 
+def download_artifact(uri: str, run_id: str, path: str, dst_dir: str | Path) -> Path | None:
+    """Copy the artifact file ``path`` (e.g. ``predictions/final.npz``) of run ``run_id`` at
+    ``uri`` into ``dst_dir``; returns the local file, or None when the run has no such
+    artifact."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    folder = posixpath.dirname(path) or None
+    if path not in {a.path for a in client.list_artifacts(run_id, folder)}:
+        return None
+    Path(dst_dir).mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(run_id, path, str(dst_dir)))
+
+
 __all__ = [
     "RUN_TAGS",
     "Tracker",
     "TrackingError",
+    "download_artifact",
     "ensure_store",
     "flatten_params",
     "git_commit",

@@ -80,6 +80,7 @@ class Matrix:
         )
         self.paper_tables = yaml.safe_load(paper_tables.read_text())
         self.check()
+        self.config = expand_seeds(config)  # after the checks, which name the runs as written
 
     # -- the matrix ------------------------------------------------------------------------
 
@@ -230,6 +231,11 @@ class Matrix:
         own = self._cell_runs(lambda key: table_short(key) == table)
         return own or self._cell_runs(lambda key: True)
 
+    def run_outputs(self) -> list[str]:
+        """The last output of every run of the config: the experiment table lists them all,
+        also the runs that fill no paper cell."""
+        return [self.run_output(stage, name) for stage in STAGES for name in self.runs(stage)]
+
     def _cell_runs(self, wanted) -> list[str]:
         return [
             self.run_output(stage, name)
@@ -267,6 +273,10 @@ class Matrix:
             **(spec.get("set") or {}),
         }
         tags = {"experiment": self.experiment, "run_name": f"{stage}/{name}"}
+        tags |= self.dataset_tags(spec["data"])
+        if "seed" in spec:  # one run of a run with `seeds:` (expand_seeds)
+            sets["seed"] = spec["seed"]
+            tags |= {"seed": str(spec["seed"]), "seed_group": f"{stage}/{spec['seed_group']}"}
         if spec.get("cells"):
             tags["cells"] = ",".join(spec["cells"])
         # pretrain_epochs: the Epochs column of the tables; for a supervised init, the epochs of
@@ -282,6 +292,13 @@ class Matrix:
         for key, value in tags.items():
             args += ["--tag", f"{key}={value}"]
         return shlex.join(args)
+
+    def dataset_tags(self, data: str) -> dict[str, str]:
+        """``dataset`` (the config's name) and, when the config declares it the paper's
+        (``paper:``), ``paper_dataset``: the tables print a paper delta only for those."""
+        tags = {"dataset": data}
+        paper = self.config["datasets"][data].get("paper")
+        return tags | ({"paper_dataset": paper} if paper else {})
 
     def figure_args(self, figure: str) -> str:
         spec = self.figures()[figure]
@@ -347,6 +364,81 @@ class Matrix:
             return 0
         res = self.resources(stage, name)
         return int(res["cpus_per_task"]) * int(res["tasks_per_node"])
+
+
+def seed_run_name(name: str, seed: int) -> str:
+    """The run (and folder) name of seed ``seed`` of run ``name``: ``name.seed<seed>``."""
+    return f"{name}.seed{seed}"
+
+
+def expand_seeds(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with every run that lists ``seeds: [s0, s1, ...]`` replaced by one run per
+    seed, ``<name>.seed<s>`` (its own folder, job and MLflow run, tagged ``seed``), each
+    holding ``seed`` (set as the stage's ``seed``) and ``seed_group`` (the name as written).
+
+    Inits follow the seeds: a seeded run whose init is a seeded run starts from the init's run
+    of the same seed (or, when the init lacks that seed, from its first seed); any other run
+    naming a seeded run (an init without seeds, an analysis model) gets its first seed's run."""
+    out = {k: v for k, v in config.items() if k not in STAGES and k != "analysis"}
+    seeds = {
+        (stage, name): list(spec.get("seeds") or [])
+        for stage in STAGES
+        for name, spec in (config.get(stage) or {}).items()
+    }
+
+    def ref(stage: str, name: str, seed: int | None) -> str:
+        own = seeds.get((stage, name)) or []
+        if not own:
+            return name
+        return seed_run_name(name, seed if seed in own else own[0])
+
+    def init_of(init: str | None, seed: int | None) -> str | None:
+        if init is None:
+            return None
+        source, name = split_init(init)
+        target = ref(source, name, seed)
+        return target if source == "pretrain" else f"{source}/{target}"
+
+    for stage in STAGES:
+        if stage not in config:
+            continue
+        runs: dict[str, Any] = {}
+        for name, spec in (config.get(stage) or {}).items():
+            base = {k: v for k, v in spec.items() if k != "seeds"}
+            if not seeds[(stage, name)]:
+                runs[name] = {**base, "init": init_of(spec.get("init"), None)}
+                continue
+            if "seed" in (spec.get("set") or {}):
+                raise ConfigMatrixError(
+                    f"{stage}.{name}: give either seeds: (one run per seed) or set: {{seed: ...}}"
+                )
+            for seed in seeds[(stage, name)]:
+                if seed_run_name(name, seed) in (config.get(stage) or {}):
+                    raise ConfigMatrixError(
+                        f"{stage}.{name}: seed {seed} makes run {seed_run_name(name, seed)!r}, "
+                        "which the config also names; rename one of them"
+                    )
+                runs[seed_run_name(name, seed)] = {
+                    **base,
+                    "init": init_of(spec.get("init"), seed),
+                    "seed": seed,
+                    "seed_group": name,
+                }
+        out[stage] = runs
+    if "analysis" in config:
+        out["analysis"] = {
+            figure: {
+                **spec,
+                "models": {
+                    label: m
+                    if m == "random"
+                    else "/".join((m.split("/")[0], ref(*m.split("/"), None)))
+                    for label, m in spec["models"].items()
+                },
+            }
+            for figure, spec in (config.get("analysis") or {}).items()
+        }
+    return out
 
 
 def name_pattern(names: Iterable[str]) -> str:

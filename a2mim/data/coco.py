@@ -646,6 +646,7 @@ def coco_evaluate(
     coco_gt: COCO | CocoInstances | str | Path,
     detections: Sequence[Mapping[str, Any]],
     iou_types: Iterable[str] = ("bbox", "segm"),
+    evaluators: dict[str, COCOeval] | None = None,
 ) -> dict[str, float]:
     """Evaluate detections with pycocotools' COCOeval.
 
@@ -655,6 +656,8 @@ def coco_evaluate(
             the contiguous label), ``score``, ``bbox`` ``[x, y, w, h]`` (for "bbox") and
             ``segmentation`` (for "segm": an RLE dict, compressed or not, or polygons).
         iou_types: any of "bbox", "segm".
+        evaluators: when given, receives the ``COCOeval`` of each IoU type that ran (its
+            per-image matches are what :mod:`a2mim.predictions` stores).
 
     Returns:
         ``{"bbox/AP": .., "bbox/AP50": .., "bbox/AP75": .., "segm/AP": ..}`` in percent
@@ -682,6 +685,8 @@ def coco_evaluate(
                 evaluator.evaluate()
                 evaluator.accumulate()
                 evaluator.summarize()
+            if evaluators is not None:
+                evaluators[iou_type] = evaluator
             # COCOeval writes -1 where a metric is undefined; with ground truth present and
             # detections given, AP/AP50/AP75 are defined, so -1 cannot occur here.
             stats = {

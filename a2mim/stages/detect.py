@@ -68,7 +68,7 @@ from pycocotools.coco import COCO
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from a2mim import atomic
+from a2mim import atomic, predictions
 from a2mim.config import (
     ConfigError,
     OptimBase,
@@ -348,10 +348,12 @@ def evaluate_detector(
     batch_size: int = 1,
     limit: int | None = None,
     amp_dtype: torch.dtype | None = None,
+    evaluators: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Box and mask AP / AP50 / AP75 (percent) of ``model`` on ``dataset`` (its first
     ``limit`` images), by COCOeval. Each rank predicts a shard; rank 0's result covers all.
-    Returns ``{"ap_box", "ap50_box", ..., "ap75_mask", "detections"}``."""
+    Returns ``{"ap_box", "ap50_box", ..., "ap75_mask", "detections"}``; ``evaluators`` (when
+    given) receives the COCOeval objects on rank 0 (:func:`a2mim.data.coco.coco_evaluate`)."""
     rank, world = world_info()
     count = len(dataset) if limit is None else min(limit, len(dataset))
     shard = list(range(rank, count, world))
@@ -373,7 +375,7 @@ def evaluate_detector(
     if rank == 0:
         ids = dataset.ids[:count]
         gt = dataset.coco if count == len(dataset) else _subset_coco(dataset.coco, ids)
-        ap = coco_evaluate(gt, results)
+        ap = coco_evaluate(gt, results, evaluators=evaluators)
         metrics = {
             f"{METRIC_NAMES[name]}_{IOU_SUFFIX[iou]}": value
             for key, value in ap.items()
@@ -607,14 +609,23 @@ class DetectTask(engine.Task):
         return bool(every) and done % every == 0
 
     def evaluate(self, done: int) -> dict[str, float]:
-        cfg = self.cfg
+        cfg, evaluators = self.cfg, {}
         if cfg.precise_bn_iters and done > 0:
             self._precise_bn(done)
         broadcast_buffers(self.model)  # every rank evaluates with rank 0's BatchNorm statistics
         # float32: bf16 scores take ~20 distinct values per 100 and COCOeval ranks ties
-        return evaluate_detector(
-            self.model, self.val_set, self.ctx.device, cfg.data.eval_batch_size, cfg.data.val_limit
+        row = evaluate_detector(
+            self.model,
+            self.val_set,
+            self.ctx.device,
+            cfg.data.eval_batch_size,
+            cfg.data.val_limit,
+            evaluators=evaluators,
         )
+        if done == self.steps.total and self.ctx.rank == 0 and evaluators:  # paired statistics
+            found = predictions.detection_from_cocoeval(evaluators, stage="detect", step=done)
+            predictions.write(predictions.path_of(self.ctx.out), found)
+        return row
 
     def _precise_bn(self, done: int) -> None:
         """MoCo's precise BN: BatchNorm statistics recomputed over ``precise_bn_iters``
@@ -673,11 +684,13 @@ class DetectTask(engine.Task):
         }
         saved = {"state_dict": self.model.state_dict(), "meta": meta}
         checkpoint.atomic_save(saved, self.ctx.out / "model.pt")
+        found = predictions.path_of(self.ctx.out)  # none when the model detected nothing
+        artifacts = [(found, predictions.FOLDER)] if found.is_file() else []
         if self.backend != "detectron2":
-            return []
+            return artifacts
         d2_file = self.ctx.out / "detectron2_config.yaml"
         atomic.write_text(d2_file, yaml.safe_dump(self._d2_config(), sort_keys=True))
-        return [(d2_file, None)]
+        return [*artifacts, (d2_file, None)]
 
 
 def solver_summary(cfg: DetectConfig, lr: float, ims_per_batch: int) -> dict[str, Any]:

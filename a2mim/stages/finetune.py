@@ -42,6 +42,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from a2mim import predictions
 from a2mim.config import (
     ConfigError,
     EpochWarmupCosine,
@@ -424,12 +425,22 @@ class ClassifyTask(engine.Task):
         epochs, rest = divmod(done, self.steps.per_epoch)
         return rest == 0 and epochs % self.cfg.eval_every_epochs == 0
 
-    def classify(self, model: nn.Module) -> dict[str, float]:
+    def classify(self, model: nn.Module, collect: bool = False) -> dict[str, Any]:
         """top-1 / top-5 / loss of ``model`` on the whole validation set (every rank uses
-        rank 0's BatchNorm statistics, the ones it saves)."""
+        rank 0's BatchNorm statistics, the ones it saves); ``collect``: also this rank's
+        per-sample predictions (`evaluate`)."""
         broadcast_buffers(model)
         loader = engine.interruptible(self.val_loader)
-        return evaluate(model, loader, self.ctx.device, self.ctx.amp_dtype)
+        return evaluate(model, loader, self.ctx.device, self.ctx.amp_dtype, collect=collect)
+
+    def save_predictions(self, done: int, result: dict[str, Any]) -> None:
+        """Every rank: the per-sample predictions of the evaluation after step ``done``, as
+        ``predictions/epoch_<e>.npz`` (rank 0 writes), for the audit's paired statistics."""
+        ctx, epoch = self.ctx, done // self.steps.per_epoch
+        shard = range(ctx.rank, len(self.val_set), ctx.world)
+        where = predictions.path_of(ctx.out, predictions.epoch_name(epoch))
+        meta = {"stage": self.stage, "step": done, "epoch": epoch}
+        predictions.save_classification(where, self.val_set, shard, result, ctx.rank, **meta)
 
     def record_extras(self, done: int) -> dict[str, float]:
         return {"epoch": done // self.steps.per_epoch}
@@ -534,7 +545,9 @@ class FinetuneTask(ClassifyTask):
             self.ema.update(self.model, step=done)
 
     def evaluate(self, done: int) -> dict[str, float]:
-        res = self.classify(self.model)
+        res = self.classify(self.model, collect=True)
+        if done // self.steps.per_epoch > self.cfg.epochs - predictions.LAST_EPOCHS:
+            self.save_predictions(done, res)  # the evaluations best_last10 chooses from
         row = {"top1": res["top1"], "top5": res["top5"], "val_loss": res["loss"]}
         if self.ema is not None:
             res_ema = self.classify(self.ema.module)
@@ -543,6 +556,10 @@ class FinetuneTask(ClassifyTask):
         return row
 
     def write_final(self, metrics: dict[str, Any]) -> list:
+        # top1_final, top1_best_last10 (the authors' rule) and their predictions' artifacts
+        metrics |= predictions.finish_classification(
+            self.ctx.out, self.cfg.epochs, metrics, self.tracker, self.steps.total, best_last=True
+        )
         saved = {"state_dict": self.model.state_dict(), "meta": self.meta()}
         if self.ema is not None:
             saved["state_dict_ema"] = self.ema.module.state_dict()

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from a2mim import predictions
 from a2mim.config import CropFlipData, EpochWarmupCosine, TransferRunConfig, bounded, from_dict
 from a2mim.data.transforms import pretrain_transform
 from a2mim.stages.finetune import ClassifyTask
@@ -177,10 +178,16 @@ class LinprobeTask(ClassifyTask):
         return self.optimizer.param_groups[0]["lr"]
 
     def evaluate(self, done: int) -> dict[str, float]:
-        res = self.classify(self.probe)
+        res = self.classify(self.probe, collect=True)
+        if done == self.steps.total:
+            self.save_predictions(done, res)  # the final evaluation, for the paired statistics
         return {"top1": res["top1"], "top5": res["top5"], "val_loss": res["loss"]}
 
     def write_final(self, metrics: dict[str, Any]) -> list:
+        # top1_final and the final evaluation's predictions (artifact predictions/final.npz)
+        metrics |= predictions.finish_classification(
+            self.ctx.out, self.cfg.epochs, metrics, self.tracker, self.steps.total
+        )
         meta = {**self.meta(), "feature_bn": self.cfg.model.feature_bn}
         saved = {"state_dict": self.probe.state_dict(), "meta": meta}
         checkpoint.atomic_save(saved, self.ctx.out / "model.pt")

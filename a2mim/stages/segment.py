@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
 
-from a2mim import atomic
+from a2mim import atomic, predictions
 from a2mim.config import ConfigError, OptimBase, TransferRunConfig, bounded, from_dict
 from a2mim.data.ade import ADE20KSegmentation, validate_root
 from a2mim.data.seg_transforms import SegTrainTransform, eval_input
@@ -418,10 +418,12 @@ def evaluate(
     cfg: SegmentConfig,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
+    per_image: list | None = None,
 ) -> dict[str, Any]:
     """`SegMetrics` of ``model`` over ``loader`` (items: test-size normalised image, label at
     its original size; batch size 1 since sizes differ): logits whole or slid, resized to the
-    label, arg-max."""
+    label, arg-max. ``per_image`` (when given) receives each image's per-class intersection
+    and union counts, in the loader's order (:func:`a2mim.predictions.segmentation_counts`)."""
     was_training = model.training
     model.eval()
     metrics = SegMetrics(cfg.data.num_classes, cfg.data.ignore_index, device)
@@ -436,6 +438,12 @@ def evaluate(
             logits.float(), size=label_bhw.shape[-2:], mode="bilinear", align_corners=False
         )
         metrics.update(logits.argmax(1), label_bhw)
+        if per_image is not None:
+            for pred_hw, label_hw in zip(logits.argmax(1).cpu(), label_bhw.cpu(), strict=True):
+                counts = predictions.segmentation_counts(
+                    pred_hw.numpy(), label_hw.numpy(), cfg.data.num_classes, cfg.data.ignore_index
+                )
+                per_image.append(counts)
     model.train(was_training)
     return metrics.compute()
 
@@ -560,14 +568,23 @@ class SegmentTask(engine.Task):
     def evaluate(self, done: int) -> dict[str, float]:
         broadcast_buffers(self.model)  # every shard is evaluated with the statistics rank 0 saves
         loader = engine.interruptible(self.val_loader)
-        self.result = evaluate(self.model, loader, self.cfg, self.ctx.device, self.ctx.amp_dtype)
+        ctx, per_image = self.ctx, [] if done == self.steps.total else None
+        self.result = evaluate(self.model, loader, self.cfg, ctx.device, ctx.amp_dtype, per_image)
+        if per_image is not None:  # the final evaluation, for the paired statistics
+            ids = [Path(image).stem for image, _ in self.val_set.samples]
+            shard = range(ctx.rank, len(self.val_set), ctx.world)
+            counts = [(i, *c) for i, c in zip(shard, per_image, strict=True)]
+            meta = {"stage": "segment", "step": done}
+            predictions.save_segmentation(
+                predictions.path_of(ctx.out), ids, counts, ctx.rank, **meta
+            )
         return {k: self.result[k] for k in ("miou", "aacc", "macc")}
 
     def write_final(self, metrics: dict[str, Any]) -> list:
         out = self.ctx.out
         derived = {"config_hash": self.config_hash, "total_steps": self.steps.total}
         _write_outputs(out, self.cfg, self.model, derived, self.init_report, self.result)
-        return [(out / "per_class_iou.json", None)]
+        return [(out / "per_class_iou.json", None), (predictions.path_of(out), predictions.FOLDER)]
 
 
 def _write_outputs(

@@ -163,20 +163,27 @@ def evaluate(
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
-) -> dict[str, float]:
+    collect: bool = False,
+) -> dict[str, Any]:
     """Top-1 / top-5 accuracy in percent and mean cross-entropy over ``loader``.
 
     In distributed runs each rank passes its shard and the counts are summed over ranks.
-    Returns ``{"top1", "top5", "loss", "n"}``.
+    Returns ``{"top1", "top5", "loss", "n"}``; with ``collect`` also this rank's per-sample
+    ``"pred"`` (arg-max class) and ``"label"`` (CPU int64 tensors, in the loader's order), for
+    :mod:`a2mim.predictions`.
     """
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
+    preds, labels = [], []
     for img_bchw, target_b in loader:
         img_bchw, target_b = img_bchw.to(device), target_b.to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits_bk = model(img_bchw)
         logits_bk = logits_bk.float()
+        if collect:
+            preds.append(logits_bk.argmax(1).cpu())
+            labels.append(target_b.cpu())
         c1, c5 = topk_correct(logits_bk, target_b, (1, 5))
         loss = nn.functional.cross_entropy(logits_bk, target_b, reduction="sum").item()
         sums += torch.tensor([c1, c5, loss, target_b.shape[0]], dtype=torch.float64)
@@ -189,12 +196,17 @@ def evaluate(
     n = sums[3].item()
     if n == 0:
         raise ValueError("evaluate got no images; check the validation split")
-    return {
+    result: dict[str, Any] = {
         "top1": 100.0 * sums[0].item() / n,
         "top5": 100.0 * sums[1].item() / n,
         "loss": sums[2].item() / n,
         "n": int(n),
     }
+    if collect:
+        empty = torch.zeros(0, dtype=torch.int64)
+        result["pred"] = torch.cat(preds) if preds else empty
+        result["label"] = torch.cat(labels) if labels else empty
+    return result
 
 
 def tracked_derived(derived: dict[str, Any]) -> dict[str, Any]:

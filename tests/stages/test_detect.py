@@ -18,7 +18,7 @@ import timm
 import torch
 import yaml
 
-from a2mim import cli, recipes
+from a2mim import cli, predictions, recipes
 from a2mim.config import ConfigError
 from a2mim.data.coco import CocoInstances
 from a2mim.data.scenes import make_scenes
@@ -329,8 +329,16 @@ def test_evaluate_detector_with_an_oracle(scenes):
     for key in ("ap_box", "ap50_box", "ap75_box", "ap_mask", "ap50_mask", "ap75_mask"):
         assert full[key] == pytest.approx(100.0), key
     assert full["detections"] == len(val.coco.anns)
-    part = detect.evaluate_detector(oracle, val, torch.device("cpu"), limit=2)
+    evaluators: dict = {}
+    part = detect.evaluate_detector(
+        oracle, val, torch.device("cpu"), limit=2, evaluators=evaluators
+    )
     assert part["ap_mask"] == pytest.approx(100.0)  # the ground truth is cut to the 2 images
+    # the per-image matches the audit's bootstrap uses give COCOeval's AP back
+    found = predictions.detection_from_cocoeval(evaluators)
+    assert sorted(evaluators) == ["bbox", "segm"] and len(found.ids) == 2
+    assert found.ap("bbox") == pytest.approx(part["ap_box"])
+    assert found.ap("segm") == pytest.approx(part["ap_mask"])
 
 
 def test_hflip_golden():
@@ -393,6 +401,11 @@ def test_run_writes_metrics_and_model(scenes, tmp_path):
     val = CocoInstances(scenes / "coco/annotations/instances_val2017.json", scenes / "coco/val2017")
     again = detect.evaluate_detector(model, val, torch.device("cpu"), limit=3)
     assert {k: again[k] for k in keys} == pytest.approx({k: metrics[k] for k in keys})
+    # the final evaluation's per-image matches, for the audit's bootstrap over images
+    found = predictions.read(out / "predictions" / "final.npz")
+    assert found.kind == "detection" and found.meta["step"] == 3
+    assert found.ap("bbox") == pytest.approx(metrics["ap_box"])
+    assert found.ap("segm") == pytest.approx(metrics["ap_mask"])
 
     from mlflow.tracking import MlflowClient
 
@@ -400,6 +413,8 @@ def test_run_writes_metrics_and_model(scenes, tmp_path):
     tags = MlflowClient(tracking_uri=cfg.tracking_uri).get_run(run_id).data.tags
     assert tags["backend"] == "torchvision" and tags["stage"] == "detect"
     assert tags["method"] == "a2mim"
+    artifacts = MlflowClient(tracking_uri=cfg.tracking_uri).list_artifacts(run_id, "predictions")
+    assert [a.path for a in artifacts] == ["predictions/final.npz"]
 
 
 def test_resume_is_bit_identical(scenes, tmp_path):

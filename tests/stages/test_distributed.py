@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 
+from a2mim import predictions
 from a2mim.data.fashion_mnist import prepare_fashion_mnist
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import eval_transform, pretrain_transform
@@ -305,7 +306,13 @@ def test_two_process_finetune_evaluates_the_whole_val_set_once(fmnist, tmp_path)
     assert [x["epoch"] for x in evals] == [1, 2]
     assert evals[-1]["top1"] == metrics["top1"]
 
+    # the per-sample predictions hold both shards, each sample once, in the dataset's order
+    found = predictions.read(out / "predictions" / "final.npz")
+    assert len(found.ids) == len(set(found.ids)) == 30
+    assert found.score() == pytest.approx(metrics["top1"], abs=1e-9)
+
     val = ImageFolderDataset(fmnist, "val", transform=eval_transform(32, 1.0))
+    assert list(found.label) == val.targets
     loader = torch.utils.data.DataLoader(val, batch_size=64)
     for ema, suffix in ((False, ""), (True, "_ema")):
         model, _ = load_classifier(out / "model.pt", ema=ema)

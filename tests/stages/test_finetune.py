@@ -15,6 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
+from a2mim import predictions
 from a2mim.config import ConfigError
 from a2mim.data.fashion_mnist import prepare_fashion_mnist
 from a2mim.data.transforms import eval_transform
@@ -313,9 +314,23 @@ def test_run_with_every_augmentation_writes_everything(fmnist, encoder_pt, tmp_p
         assert 0.0 <= metrics[key] <= 100.0
     assert metrics["top5"] >= metrics["top1"] and metrics["top5_ema"] >= metrics["top1_ema"]
     last_eval = {k: v for k, v in evals[-1].items() if k not in ("step", "epoch")}
-    assert metrics == {**last_eval, "final_loss": train[-1]["loss"]}
+    best = max(evals, key=lambda x: x["top1"])  # the first of equals: both epochs are the last 10
+    assert metrics == {
+        **last_eval,
+        "final_loss": train[-1]["loss"],
+        "top1_final": last_eval["top1"],
+        "top1_best_last10": best["top1"],
+        "top1_best_last10_epoch": float(best["epoch"]),
+    }
     assert set(last_eval) == {"top1", "top5", "val_loss", "top1_ema", "top5_ema", "val_loss_ema"}
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    # per-sample predictions of both rules, for the paired statistics of the audit
+    final = predictions.read(tmp_path / "predictions" / "final.npz")
+    assert len(final.ids) == 40 and final.meta["epoch"] == 2
+    assert all(i.count("/") == 1 and not i.startswith("/") for i in final.ids)  # class/file
+    assert final.score() == pytest.approx(metrics["top1"])
+    best_preds = predictions.read(tmp_path / "predictions" / "best_last10.npz")
+    assert best_preds.score() == pytest.approx(metrics["top1_best_last10"])
 
     model, meta = load_classifier(tmp_path / "model.pt")
     assert meta["classes"] == derived["classes"] and meta["init"] == str(encoder_pt)

@@ -12,6 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
+from a2mim import predictions
 from a2mim.config import ConfigError
 from a2mim.data.fashion_mnist import prepare_fashion_mnist
 from a2mim.data.transforms import eval_transform
@@ -166,6 +167,13 @@ def test_only_the_head_trains(fmnist, resnet_encoder, tmp_path):
     model, meta = load_classifier(tmp_path / "model.pt")
     assert meta["stage"] == "linprobe" and meta["num_classes"] == 10
     assert _naive_top1(model, fmnist) == pytest.approx(metrics["top1"])
+    assert metrics["top1_final"] == metrics["top1"] and "top1_best_last10" not in metrics
+    final = predictions.read(tmp_path / "predictions" / "final.npz")  # for the paired statistics
+    assert final.kind == "classification" and final.meta["stage"] == "linprobe"
+    assert final.score() == pytest.approx(metrics["top1"])
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == [
+        "epoch_0002.npz", "final.npz"
+    ]  # fmt: skip
 
 
 def test_probe_keeps_the_backbone_in_eval_mode():

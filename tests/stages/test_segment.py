@@ -23,7 +23,7 @@ import yaml
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from a2mim import recipes
+from a2mim import predictions, recipes
 from a2mim.cli import build_parser
 from a2mim.config import ConfigError, to_dict
 from a2mim.data.scenes import ADE_NUM_CLASSES, make_scenes
@@ -371,6 +371,11 @@ def test_run_evaluates_and_writes_everything(scenes, tmp_path):
     assert len(per_class) == ADE_NUM_CLASSES
     naive = _naive_eval(tmp_path / "model.pt", scenes, cfg.data.img_scale)
     assert naive == pytest.approx(metrics["miou"], abs=1e-6)
+    # per-image intersection / union counts give the mIoU back (the audit bootstraps images)
+    found = predictions.read(tmp_path / "predictions" / "final.npz")
+    assert found.kind == "segmentation" and found.intersection.shape[1] == ADE_NUM_CLASSES
+    assert found.score() == pytest.approx(metrics["miou"], abs=1e-4)
+    assert len(found.ids) == len(set(found.ids)) > 1
 
 
 def test_resume_is_bit_identical(scenes, tmp_path):

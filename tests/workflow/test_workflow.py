@@ -118,3 +118,74 @@ def test_bad_config_is_refused_naming_the_problem(tmp_path, mutate, message) -> 
     out = result.stdout + result.stderr
     assert result.returncode != 0
     assert message in out, out[-3000:]
+
+
+def test_seeded_runs_get_one_job_folder_and_tag_each_and_follow_their_init(tmp_path) -> None:
+    """`seeds:` expands a run into <name>.seed<s>: own folder, `--set seed=`, tags seed and
+    dataset; a seeded init follows the seed, an unseeded one is shared, and runs or figures
+    naming a seeded run get its first seed."""
+    cfg = copy.deepcopy(load_config("tiny"))
+    cfg["pretrain"]["a2mim_r18"]["seeds"] = [0, 1]
+    cfg["finetune"]["a2mim_r18"]["seeds"] = [1, 2]
+    cfg["datasets"]["fmnist"]["paper"] = "imagenet-1k"  # (a toy stand-in declared the paper's)
+    path = write_config(tmp_path / "seeded.yaml", cfg)
+    result = snakemake("-n", "--forceall", f"--configfile={path}", "all_tables")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    stats = job_stats(out)
+    assert stats["pretrain"] == len(cfg["pretrain"]) + 1
+    assert stats["finetune"] == len(cfg["finetune"]) + 1
+    assert stats["linprobe"] == 4  # tiny.yaml: two seeds per linear probe
+    launches = [line for line in out.splitlines() if line.startswith("Shell command: a2mim launch")]
+
+    def launch(stage, name):
+        return next(line for line in launches if f"--out results/tiny/runs/{stage}/{name} " in line)
+
+    ft = launch("finetune", "a2mim_r18.seed1")
+    assert (
+        "--set seed=1" in ft
+        and "--tag seed=1" in ft
+        and "--tag seed_group=finetune/a2mim_r18" in ft
+    )
+    assert "--init results/tiny/runs/pretrain/a2mim_r18.seed1/encoder.pt" in ft
+    assert "--tag dataset=fmnist --tag paper_dataset=imagenet-1k" in ft
+    # seed 2 has no pretrain seed 2: the first pretrain seed
+    ft2 = launch("finetune", "a2mim_r18.seed2")
+    assert "--init results/tiny/runs/pretrain/a2mim_r18.seed0/encoder.pt" in ft2
+    # the seeded probe of the unseeded SimMIM encoder: both seeds start from the one encoder
+    for seed in (0, 1):
+        probe = launch("linprobe", f"simmim_r18.seed{seed}")
+        assert "--init results/tiny/runs/pretrain/simmim_r18/encoder.pt" in probe
+        assert f"--set seed={seed}" in probe
+    # an unseeded detect run and figure 1 take the first seed of their seeded runs
+    det = launch("detect", "a2mim_r18")
+    assert "--init results/tiny/runs/pretrain/a2mim_r18.seed0/encoder.pt" in det
+    assert "--tag seed=" not in det
+    fig = next(line for line in launches if "-- analyze figure1" in line)
+    assert "A2MIM=results/tiny/runs/finetune/a2mim_r18.seed1" in fig
+    # the audit (and the experiment table of every run) waits for every run
+    assert stats["audit"] == 1
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda c: c["linprobe"]["a2mim_r18"].update(seeds=[]), "seeds"),
+        (lambda c: c["linprobe"]["a2mim_r18"].update(seeds=[1, 1]), "seeds"),
+        (lambda c: c["datasets"]["fmnist"].update(paper="imagenet"), "imagenet"),
+        (
+            lambda c: c["linprobe"]["a2mim_r18"].update(set={"seed": 3}),
+            "give either seeds: (one run per seed) or set: {seed: ...}",
+        ),
+        (
+            lambda c: c["linprobe"].update(**{"a2mim_r18.seed1": c["linprobe"]["simmim_r18"]}),
+            "seed 1 makes run 'a2mim_r18.seed1', which the config also names",
+        ),
+    ],
+    ids=["no-seed", "same-seed-twice", "unknown-paper-dataset", "set-seed", "name-clash"],
+)
+def test_bad_seeds_and_paper_datasets_are_refused(tmp_path, mutate, message) -> None:
+    path = _mutated(tmp_path, mutate)
+    result = snakemake("-n", f"--configfile={path}", "all_tables")
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr

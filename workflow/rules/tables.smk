@@ -1,4 +1,5 @@
-# Paper tables and the audit, from MLflow alone (`a2mim tables` queries the tracking store).
+# Paper tables, the audit and the experiment table (every run), from MLflow alone (`a2mim
+# tables` queries the tracking store and the runs' per-sample prediction artifacts).
 
 
 rule table:
@@ -26,9 +27,12 @@ rule table:
 rule audit:
     input:
         [M.table_inputs(t) for t in TABLES],
+        M.run_outputs(),
     output:
         md=report(f"{RESULTS}/tables/audit.md", category="Audit"),
         json=f"{RESULTS}/tables/audit.json",
+        experiment=report(f"{RESULTS}/tables/experiment.md", category="Experiment"),
+        experiment_csv=report(f"{RESULTS}/tables/experiment.csv", category="Experiment"),
     log:
         f"{RESULTS}/logs/tables/audit.log",
     params:
