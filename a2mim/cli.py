@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from a2mim.atomic import DiskFullError
     from a2mim.launch import LaunchError
     from a2mim.tracking import TrackingError
 
@@ -229,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         ConfigError,
         TrackingError,
         LaunchError,
+        DiskFullError,
         FileNotFoundError,
         FileExistsError,
         ValueError,

@@ -54,6 +54,9 @@ def check(
             warnings.append(str(exc))
     for backbone, kwargs, needs_adapter in _backbones(cfg):
         check_backbone(backbone, kwargs, needs_adapter)
+    init = getattr(cfg, "init", None)
+    if isinstance(init, str):
+        check_init(Path(init), require_data)
     data = getattr(cfg, "data", None)
     root = getattr(data, "root", None)
     if isinstance(root, str):
@@ -119,6 +122,23 @@ def check_backbone(name: str, kwargs: dict[str, Any], needs_adapter: bool) -> No
             f"{', '.join(families)}); pick a backbone of those families, or add an adapter "
             "module to a2mim/backbones/ (README: Adding a backbone family)"
         ) from None
+
+
+def check_init(path: Path, require: bool) -> None:
+    """``--init`` is a checkpoint file (absent is an error only with ``require``: in the
+    workflow, the upstream run writes it later)."""
+    if not path.exists():
+        if require:
+            raise PreflightError(
+                f"init: {path} does not exist; --init takes encoder.pt of a finished pretrain "
+                "run or model.pt of a finished finetune run"
+            )
+        return
+    from a2mim.train.checkpoint import not_a_checkpoint
+
+    problem = not_a_checkpoint(path) if path.is_file() else f"{path} is a folder"
+    if problem:
+        raise PreflightError(f"init: {problem}")
 
 
 _LAYOUT_HELP = {
