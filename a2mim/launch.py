@@ -248,20 +248,25 @@ def _report_failure(job: submitit.Job, reason: str) -> None:
     )
 
 
-def prepare_job_dir(job_dir: Path) -> None:
-    """An empty job folder for this target. A folder this launcher made (it holds ``MARKER``)
-    is cleared: a result left there could pass for the new job's (PITFALLS.md). Any other
-    folder that is not empty is refused: never delete what the tool did not create."""
+def check_job_dir(job_dir: Path) -> None:
+    """A job folder may be new, empty, or one this launcher made (it holds ``MARKER``); any
+    other folder is refused: the launcher clears it, and never deletes what it did not create."""
     if job_dir.exists() and not job_dir.is_dir():
         raise LaunchError(f"--job-dir {job_dir} is a file; give a folder for the job's logs")
+    if job_dir.is_dir() and any(job_dir.iterdir()) and not (job_dir / MARKER).is_file():
+        raise LaunchError(
+            f"--job-dir {job_dir} is not empty and was not made by `a2mim launch` (no "
+            f"{MARKER} in it): it may be a run folder or your files, and the launcher "
+            "clears its job folder; give a new or empty folder, e.g. "
+            f"{job_dir.parent / 'jobs' / job_dir.name}"
+        )
+
+
+def prepare_job_dir(job_dir: Path) -> None:
+    """An empty, marked job folder for this target; one left by an earlier launch is cleared
+    (a result there could pass for the new job's: PITFALLS.md)."""
+    check_job_dir(job_dir)
     if job_dir.is_dir() and any(job_dir.iterdir()):
-        if not (job_dir / MARKER).is_file():
-            raise LaunchError(
-                f"--job-dir {job_dir} is not empty and was not made by `a2mim launch` (no "
-                f"{MARKER} in it): it may be a run folder or your files, and the launcher "
-                "clears its job folder; give a new or empty folder, e.g. "
-                f"{job_dir.parent / 'jobs' / job_dir.name}"
-            )
         shutil.rmtree(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / MARKER).write_text(
@@ -288,6 +293,15 @@ def preflight(argv: Sequence[str]) -> None:
 
 def launch(cfg: LaunchConfig, argv: Sequence[str]) -> int:
     """Check, submit ``a2mim <argv>``, wait, and return 0 on success, 1 on failure."""
+    check_job_dir(cfg.job_dir)
+    if "--out" in argv[:-1]:
+        out = Path(argv[list(argv).index("--out") + 1]).resolve()
+        job_dir = cfg.job_dir.resolve()
+        if out == job_dir or job_dir in out.parents:
+            raise LaunchError(
+                f"--job-dir {cfg.job_dir} holds the run folder --out {out}: the launcher clears "
+                "its job folder at the next launch; give the jobs their own folder"
+            )
     preflight(argv)
     prepare_job_dir(cfg.job_dir)
     res = cfg.resources
