@@ -140,10 +140,12 @@ def _rendezvous_store(rank: int, world: int) -> dist.TCPStore:
     every interface of the node (torch's TCPStore binds ``::``). When ``MASTER_ADDR`` resolves
     to a loopback address while ranks run on other nodes (a hostname that /etc/hosts maps to
     127.0.1.1), binding there would lock them out: then it listens on all interfaces, as torch
-    does."""
+    does. Under torchrun, whose agent serves the store, every rank is a client."""
     addr, port = os.environ["MASTER_ADDR"], _env_int("MASTER_PORT")
+    # Under torchrun the agent already serves the store (its own business); ranks are clients.
+    serve = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
     listen_fd = None
-    if rank == 0:
+    if serve:
         family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[
             0
         ]
@@ -159,7 +161,7 @@ def _rendezvous_store(rank: int, world: int) -> dist.TCPStore:
                 raise
             listen_fd = server.detach()  # the store owns and closes it
     return dist.TCPStore(
-        addr, port, world, rank == 0, timeout=STORE_TIMEOUT, master_listen_fd=listen_fd
+        addr, port, world, serve, timeout=STORE_TIMEOUT, master_listen_fd=listen_fd
     )
 
 
