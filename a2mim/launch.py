@@ -144,9 +144,9 @@ class StageJob(RequeueSafe):
         requeue = _SaveOnSignal(self.signal_delay_s).install()
         try:
             metrics = command.run(args)
-        except preemption.Preempted:
+        except preemption.Preempted as stopped:
             reason = preemption.requested()
-            print(f"a2mim: saved on {reason}; stopping", flush=True)
+            print(f"a2mim: {stopped}", flush=True)
             signal.alarm(0)
             if reason == "SIGUSR2" and requeue is not None:
                 requeue(signal.SIGUSR2, None)  # Submitit: checkpoint(), requeue, exit (rank 0)
