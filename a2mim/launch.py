@@ -123,6 +123,7 @@ class StageJob(RequeueSafe):
         self.signal_delay_s = signal_delay_s
 
     def __call__(self) -> int:
+        os.environ["OMP_NUM_THREADS"] = str(self.threads)  # not Snakemake's 0 of a waiting rule
         import torch
 
         from a2mim import command
@@ -236,8 +237,8 @@ def _job_logs(job: submitit.Job) -> tuple[Path, Path]:
 
 
 def _report_failure(job: submitit.Job, reason: str) -> None:
-    out_path, err_path = _job_logs(job)
-    stderr = job.stderr() or ""
+    out_path, err_path = _job_logs(job.task(0))
+    stderr = job.task(0).stderr() or ""
     print(
         f"a2mim launch: job {job.job_id} failed: {reason}\n"
         f"--- last {STDERR_TAIL_LINES} lines of its stderr ({err_path}) ---\n"
@@ -277,10 +278,12 @@ def prepare_job_dir(job_dir: Path) -> None:
 def preflight(argv: Sequence[str]) -> None:
     """``a2mim check <argv>`` in a child process (this waiting process never imports torch):
     a config, backend, backbone or dataset problem stops the launch before any submission."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # Snakemake sets 0 for rules of 0 threads
     proc = subprocess.run(
         [sys.executable, "-m", "a2mim", "check", "--", *argv],
         capture_output=True,
         text=True,
+        env=env,
     )
     if proc.returncode != 0:
         message = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
@@ -307,8 +310,17 @@ def launch(cfg: LaunchConfig, argv: Sequence[str]) -> int:
     res = cfg.resources
     for attempt in range(res.max_retries + 1):
         executor = _executor(cfg, cfg.job_dir / f"attempt{attempt}")
-        job = executor.submit(StageJob(argv, res.cpus_per_task, res.signal_delay_s))
-        out_path, err_path = _job_logs(job)
+        try:
+            job = executor.submit(StageJob(argv, res.cpus_per_task, res.signal_delay_s))
+        except FailedJobError as err:  # sbatch refused it: no such partition, no SLURM, ...
+            print(
+                f"a2mim launch: the {cfg.cluster} executor could not submit the job:\n"
+                f"{_tail(str(err), 10)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
+        out_path, err_path = _job_logs(job.task(0))
         print(
             f"a2mim launch: submitted job {job.job_id} ({cfg.cluster}, {cfg.world_size} task(s)); "
             f"logs: {out_path} {err_path}",
@@ -316,7 +328,7 @@ def launch(cfg: LaunchConfig, argv: Sequence[str]) -> int:
         )
         started = time.monotonic()
         try:
-            job.result()
+            job.results()  # every task (a multi-task job has one result per task)
         except FailedJobError as err:  # the stage raised: retrying would fail the same way
             _report_failure(job, str(err).strip().splitlines()[0] if str(err) else "error")
             return 1
@@ -333,7 +345,7 @@ def launch(cfg: LaunchConfig, argv: Sequence[str]) -> int:
                 continue
             _report_failure(job, f"{reason}; gave up after {res.max_retries} resubmission(s)")
             return 1
-        stdout = job.stdout() or ""
+        stdout = job.task(0).stdout() or ""
         if stdout:
             print(_tail(stdout, 200), flush=True)
         print(

@@ -18,6 +18,7 @@ for _stage in STAGES:
         wildcard_constraints:
             name=name_pattern(M.runs(_stage)),
         params:
+            stage=_stage,  # a value, not the loop variable: shell strings are formatted at run time
             launch=per_run(M.launch_args, _stage),
             args=per_run(M.stage_args, _stage),
             init=per_run(M.init_arg, _stage),
@@ -25,5 +26,4 @@ for _stage in STAGES:
         conda:
             CONDA_ENV
         shell:
-            f"a2mim launch {{params.launch}} -- {_stage} {{params.args}} {{params.init}} "
-            "> {log} 2>&1"
+            "a2mim launch {params.launch} -- {params.stage} {params.args} {params.init} > {log} 2>&1"
