@@ -8,6 +8,8 @@ cells name things that exist.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -25,6 +27,7 @@ STAGES = tuple(stage.name for stage in registry.matrix_stages())
 TABLES = ("table1", "table2", "table3", "table4", "table5")
 FIGURES = ("figure1", "figure3", "figure5")
 PAPER_TABLES_PATH = Path(__file__).parent / "data" / "paper_tables.yaml"
+PREFLIGHT_CACHE = Path(".snakemake") / "a2mim-preflight"  # passed checks (Matrix.preflight)
 
 
 class ConfigMatrixError(ValueError):
@@ -329,13 +332,18 @@ class Matrix:
 
     # -- pre-flight ------------------------------------------------------------------------
 
-    def preflight(self, dry_run: bool = False) -> list[str]:
+    def preflight(self, dry_run: bool = False, cache: Path | None = PREFLIGHT_CACHE) -> list[str]:
         """Resolve and validate every run's stage command as its job will (recipe, sets, keys,
         types, ranges, backend, backbone, dataset layout), so that ``snakemake -n`` already
         fails on what would fail in a job. A dataset root absent on this machine is no error
         here (a rule may make it; ``a2mim launch`` checks it before it submits); a wrong layout
         is. A dry run (which may plan elsewhere than the jobs run) reports a backend that is
-        not installed here as a warning (returned and printed); a real run stops on it."""
+        not installed here as a warning (returned and printed); a real run stops on it.
+
+        Checking imports every stage's module (torch, timm, torchmetrics: seconds each), so a
+        passed check is remembered in ``cache`` (Snakemake's own ``.snakemake/`` folder), keyed
+        by the command, the package's files, whether detectron2 is installed and the state of
+        the run's data root and init file; anything that changes one of them checks it again."""
         from a2mim import command
         from a2mim.config import ConfigError
 
@@ -349,14 +357,23 @@ class Matrix:
             for fig in self.figures()
         ]
         warnings: dict[str, list[str]] = {}
+        package = _package_stamp()
         for where, argv in todo:
-            try:
-                found = command.check(argv, require_data=False, require_env=not dry_run)
-            except (ConfigError, FileNotFoundError, ValueError) as exc:
-                raise ConfigMatrixError(
-                    f"{where} (`a2mim {shlex.join(argv[:1])} --config {argv[argv.index('--config') + 1]}"
-                    f" ...`): {exc}; fix the run's recipe or its set: in the workflow config"
-                ) from None
+            memo = cache / _check_key(argv, package, dry_run) if cache else None
+            if memo is not None and memo.is_file():
+                found = json.loads(memo.read_text())
+            else:
+                try:
+                    found = command.check(argv, require_data=False, require_env=not dry_run)
+                except (ConfigError, FileNotFoundError, ValueError) as exc:
+                    config = argv[argv.index("--config") + 1]
+                    raise ConfigMatrixError(
+                        f"{where} (`a2mim {argv[0]} --config {config} ...`): {exc}; fix the "
+                        "run's recipe or its set: in the workflow config"
+                    ) from None
+                if memo is not None:
+                    memo.parent.mkdir(parents=True, exist_ok=True)
+                    memo.write_text(json.dumps(found))
             for text in found:
                 warnings.setdefault(text, []).append(where)
         for text, runs in warnings.items():
@@ -375,6 +392,34 @@ class Matrix:
             return 0
         res = self.resources(stage, name)
         return res.cpus_per_task * res.tasks_per_node
+
+
+def _package_stamp() -> str:
+    """Names, sizes and times of the package's files (code, recipes): a new version changes it."""
+    root = Path(__file__).parent
+    files = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml") and p.is_file())
+    return hashlib.sha256(
+        "\n".join(
+            f"{p.relative_to(root)} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in files
+        ).encode()
+    ).hexdigest()
+
+
+def _path_stamp(text: str) -> str:
+    """A path's state as far as a check reads it: missing, or its time and its entries'."""
+    path = Path(text)
+    if not path.exists():
+        return f"{text}: missing"
+    entries = sorted(path.iterdir()) if path.is_dir() else []
+    return f"{text}: " + " ".join(str(p.stat().st_mtime_ns) for p in [path, *entries])
+
+
+def _check_key(argv: list[str], package: str, dry_run: bool) -> str:
+    paths = [v.split("=", 1)[1].strip('"') for v in argv if v.startswith("data.root=")]
+    paths += [argv[i + 1] for i, v in enumerate(argv[:-1]) if v == "--init"]
+    d2 = importlib.util.find_spec("detectron2") is not None
+    text = json.dumps([argv, package, dry_run, d2, [_path_stamp(p) for p in paths]])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def per_run(method: Callable[[str, str], Any], stage: str) -> Callable[[Any], Any]:

@@ -200,3 +200,29 @@ def test_profile_installs_as_slurm_idempotently_and_never_over_a_foreign_one(tmp
     assert again.returncode == 0 and "not installed by a2mim: left as is" in again.stdout
     assert (dest / "config.yaml").read_text() == "jobs: 3\n"
     assert not (dest / ".a2mim-profile").exists()
+
+
+def test_preflight_remembers_passed_checks_until_an_input_changes(tmp_path, monkeypatch) -> None:
+    from a2mim import command
+    from a2mim.workflow import Matrix
+
+    cfg = copy.deepcopy(load_config("tiny"))
+    root = tmp_path / "fm"
+    (root / "train" / "c0").mkdir(parents=True)
+    (root / "val" / "c0").mkdir(parents=True)
+    cfg["datasets"]["fmnist"] = {"root": str(root)}
+    matrix, cache = Matrix(cfg), tmp_path / "cache"
+    checked = []
+    real_check = command.check
+    monkeypatch.setattr(
+        command, "check", lambda argv, **kw: checked.append(argv) or real_check(argv, **kw)
+    )
+    matrix.preflight(cache=cache)
+    runs = len(checked)
+    assert runs > 10 and len(list(cache.iterdir())) == runs
+    matrix.preflight(cache=cache)
+    assert len(checked) == runs  # nothing checked again
+    (root / "extra").mkdir()  # the layout of the runs' data root changed: those are checked again
+    matrix.preflight(cache=cache)
+    uses_fm = sum(1 for argv in checked[:runs] if f'data.root="{root}"' in argv)
+    assert uses_fm and len(checked) == runs + uses_fm
