@@ -180,7 +180,11 @@ def _fields(func: Any, data: Any) -> dict[str, Any]:
 
     names = inspect.signature(func).parameters
     values = dataclasses.asdict(data) if dataclasses.is_dataclass(data) else {}
-    return {k: v for k, v in values.items() if k in names and k != "root"}
+    kwargs = {k: v for k, v in values.items() if k in names and k != "root"}
+    splits = tuple(values[k] for k in ("split", "val_split") if values.get(k))
+    if "splits" in names and splits:
+        kwargs["splits"] = splits
+    return kwargs
 
 
 def _expected(layout: str, root: Path, data: Any) -> list[Path]:
