@@ -148,12 +148,14 @@ class StageJob(RequeueSafe):
         except preemption.Preempted as stopped:
             reason = preemption.requested()
             print(f"a2mim: {stopped}", flush=True)
-            signal.alarm(0)
+            _disarm()
             if reason == "SIGUSR2" and requeue is not None:
                 requeue(signal.SIGUSR2, None)  # Submitit: checkpoint(), requeue, exit (rank 0)
             if env.global_rank != 0:
                 time.sleep(60)  # rank 0 requeues the job; SLURM then ends this task
             sys.exit(143)  # no result: the launcher resubmits, the stage resumes
+        finally:
+            _disarm()  # a fallback alarm must not outlive the stage (it would kill the exit)
         print(json.dumps(metrics, indent=2), flush=True)
         return 0
 
@@ -164,6 +166,11 @@ class StageJob(RequeueSafe):
             flush=True,
         )
         return super().checkpoint(*args, **kwargs)
+
+
+def _disarm() -> None:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
 
 
 SIGTERM_GRACE_S = 25  # SIGTERM -> stop: SLURM's KillWait (30 s by default) leaves this much
