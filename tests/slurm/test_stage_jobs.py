@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,7 +127,7 @@ def test_time_limit_saves_on_signal_requeues_and_ends_bit_identical(
     slurm_environ: SlurmCluster, fmnist: Path, tmp_path: Path
 ):
     sets = {
-        "epochs": 80,  # 80 images / batch 16: 400 steps, ~3 min of CPU: more than one 2-min job
+        "epochs": 200,  # 80 images / batch 16: 1000 steps, 2.5-8 min of CPU: > one 2-min job
         "batch_size": 16,
         "ckpt_every_steps": 100000,  # no regular checkpoint: only save-on-signal can resume
         "log_every_steps": 1,
@@ -150,14 +151,19 @@ def test_time_limit_saves_on_signal_requeues_and_ends_bit_identical(
     )  # fmt: skip
     job_logs = "".join(p.read_text() for p in sorted((tmp_path / "jobs").rglob("*_log.out")))
     assert launched.returncode == 0, launched.stderr[-3000:] + job_logs[-3000:]
-    stops = [int(s) for s in re.findall(r"pretrain: saved step (\d+) of 400 on request", job_logs)]
+    stops = [int(s) for s in re.findall(r"pretrain: saved step (\d+) of 1000 on request", job_logs)]
     resumes = [int(s) for s in re.findall(r"resuming from \S+ at step (\d+)", job_logs)]
     assert stops and resumes == stops, job_logs[-3000:]  # each attempt resumed where it saved
     steps = [row["step"] for row in _steps(cut)]
-    assert steps == list(range(1, 401))  # every step logged once: nothing lost, nothing repeated
+    assert steps == list(range(1, 1001))  # every step logged once: nothing lost, nothing repeated
     job_id = re.search(r"submitted job (\d+)", launched.stdout).group(1)
-    states = slurm_environ.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job_id])
-    assert states.stdout.split()[-1] == "COMPLETED" and "REQUEUED" in states.stdout
+    deadline = time.monotonic() + 60
+    while True:  # accounting lags the job's end by a few seconds
+        states = slurm_environ.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job_id])
+        if states.stdout.split()[-1:] == ["COMPLETED"] or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert states.stdout.split()[-1] == "COMPLETED" and "REQUEUED" in states.stdout, states.stdout
 
     _, err = reference.communicate(timeout=TIMEOUT_S)
     assert reference.returncode == 0, err[-3000:]
