@@ -73,8 +73,10 @@ class LaunchConfig:
         for name in ("nodes", "tasks_per_node", "cpus_per_task", "timeout_min"):
             if int(getattr(res, name)) < 1:
                 raise LaunchError(f"--{name.replace('_', '-')} must be >= 1")
-        if res.gpus_per_node < 0 or res.max_retries < 0 or res.signal_delay_s < 0:
-            raise LaunchError("--gpus-per-node, --max-retries and --signal-delay-s must be >= 0")
+        if min(res.gpus_per_node, res.max_retries, res.max_requeues, res.signal_delay_s) < 0:
+            raise LaunchError(
+                "--gpus-per-node, --max-retries, --max-requeues and --signal-delay-s must be >= 0"
+            )
         if res.mem_gb is not None and res.mem_gb <= 0:
             raise LaunchError("--mem-gb must be > 0")
 
@@ -213,7 +215,9 @@ class _SaveOnSignal:
 
 def _executor(cfg: LaunchConfig, folder: Path) -> submitit.AutoExecutor:
     res = cfg.resources
-    executor = submitit.AutoExecutor(folder=folder, cluster=cfg.cluster)
+    executor = submitit.AutoExecutor(
+        folder=folder, cluster=cfg.cluster, slurm_max_num_timeout=res.max_requeues
+    )
     params: dict[str, object] = {
         "name": cfg.name,
         "timeout_min": int(res.timeout_min),
@@ -405,6 +409,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="resubmissions after a job dies without a result (cancelled, killed, node lost)",
     )
     p.add_argument(
+        "--max-requeues",
+        type=int,
+        default=d.max_requeues,
+        help="SLURM: requeues at the time limit or a preemption before the job gives up",
+    )
+    p.add_argument(
         "--slurm-arg",
         action="append",
         type=_key_value,
@@ -438,6 +448,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, list[str]]
         timeout_min=args.timeout_min,
         signal_delay_s=args.signal_delay_s,
         max_retries=args.max_retries,
+        max_requeues=args.max_requeues,
         slurm_args=dict(args.slurm_arg),
     )
     cfg = LaunchConfig(

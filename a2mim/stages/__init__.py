@@ -37,6 +37,7 @@ class Resources:
     timeout_min: int = 60
     signal_delay_s: int = 120  # SLURM: USR2 this long before the time limit -> save and requeue
     max_retries: int = 2  # resubmissions after a job died without a result
+    max_requeues: int = 20  # SLURM: requeues at the time limit / preemption (Submitit's is 3)
     slurm_args: dict[str, str] = field(default_factory=dict)  # e.g. account, qos, constraint
 
     def as_dict(self) -> dict[str, Any]:

@@ -127,7 +127,7 @@ def test_time_limit_saves_on_signal_requeues_and_ends_bit_identical(
     slurm_environ: SlurmCluster, fmnist: Path, tmp_path: Path
 ):
     sets = {
-        "epochs": 200,  # 80 images / batch 16: 1000 steps, 2.5-8 min of CPU: > one 2-min job
+        "epochs": 120,  # 80 images / batch 16: 600 steps, 1-7 min of CPU: > one 2-min job
         "batch_size": 16,
         "ckpt_every_steps": 100000,  # no regular checkpoint: only save-on-signal can resume
         "log_every_steps": 1,
@@ -145,17 +145,17 @@ def test_time_limit_saves_on_signal_requeues_and_ends_bit_identical(
     launched = subprocess.run(
         [*A2MIM, "launch", "--cluster", "slurm", "--partition", slurm_environ.partition,
          "--job-dir", str(tmp_path / "jobs"), "--timeout-min", "2", "--signal-delay-s", "60",
-         "--max-retries", "0", "--name", "a2mim-timelimit", "--",
+         "--max-retries", "0", "--max-requeues", "12", "--name", "a2mim-timelimit", "--",
          "pretrain", "--config", "tiny", "--out", str(cut), *args],
         capture_output=True, text=True, env=_env(), timeout=TIMEOUT_S,
     )  # fmt: skip
     job_logs = "".join(p.read_text() for p in sorted((tmp_path / "jobs").rglob("*_log.out")))
     assert launched.returncode == 0, launched.stderr[-3000:] + job_logs[-3000:]
-    stops = [int(s) for s in re.findall(r"pretrain: saved step (\d+) of 1000 on request", job_logs)]
+    stops = [int(s) for s in re.findall(r"pretrain: saved step (\d+) of 600 on request", job_logs)]
     resumes = [int(s) for s in re.findall(r"resuming from \S+ at step (\d+)", job_logs)]
     assert stops and resumes == stops, job_logs[-3000:]  # each attempt resumed where it saved
     steps = [row["step"] for row in _steps(cut)]
-    assert steps == list(range(1, 1001))  # every step logged once: nothing lost, nothing repeated
+    assert steps == list(range(1, 601))  # every step logged once: nothing lost, nothing repeated
     job_id = re.search(r"submitted job (\d+)", launched.stdout).group(1)
     deadline = time.monotonic() + 60
     while True:  # accounting lags the job's end by a few seconds
