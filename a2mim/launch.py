@@ -171,8 +171,12 @@ class StageJob(RequeueSafe):
 
 
 def _disarm() -> None:
+    """After the stage: no fallback alarm, and a USR2 now has nothing to save. Ignoring it also
+    covers the interpreter's exit, where Python's handlers are already reset to the default
+    (terminate): a job that ends just before its time limit is not killed by the warning."""
     signal.alarm(0)
     signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 SIGTERM_GRACE_S = 25  # SIGTERM -> stop: SLURM's KillWait (30 s by default) leaves this much
