@@ -17,7 +17,6 @@ Every problem is a :class:`PreflightError` naming the value, what was found and 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 from pathlib import Path
 from typing import Any
@@ -99,12 +98,12 @@ def _backbones(cfg: Any) -> list[tuple[str, dict[str, Any], bool]]:
 def check_backbone(name: str, kwargs: dict[str, Any], needs_adapter: bool) -> None:
     import timm
 
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5)
-        raise PreflightError(
-            f"backbone {name!r} is not a timm model; use a name from timm.list_models()"
-            + (f", e.g. {', '.join(close)}" if close else "")
-        )
+    from a2mim.train.encoder import check_backbone as check_timm_name
+
+    try:
+        check_timm_name(name, "backbone")
+    except ConfigError as exc:
+        raise PreflightError(f"{exc}; use a name from timm.list_models()") from None
     if not needs_adapter:
         return
     import torch
