@@ -10,7 +10,7 @@ RESULTS ?= results
 
 .PHONY: run test lint format install clean bench slurm-deps install-profile
 
-install: $(STAMP)
+install: $(STAMP) install-profile
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,12 +44,22 @@ run: install $(FMNIST)
 	@for t in $(RESULTS)/tiny/tables/table*.md $(RESULTS)/tiny/tables/audit.md; do echo; cat $$t; done
 	@echo; echo "report: $(RESULTS)/tiny/report.html"
 
-# `snakemake --profile a2mim-slurm ...` from the repository root (bare profile names are looked up
-# in ~/.config/snakemake, not ./profiles).
+# `snakemake --profile slurm all_tables` from the repository root: Snakemake looks a bare profile
+# name up in ~/.config/snakemake (and /etc/xdg/snakemake), not in ./profiles. Installs a copy of
+# profiles/slurm there as `slurm`, marked with .a2mim-profile; updates only a copy it made, and
+# leaves a `slurm` profile it did not make untouched (says so). Idempotent.
+SMK_PROFILE := $${XDG_CONFIG_HOME:-$$HOME/.config}/snakemake/slurm
 install-profile:
-	mkdir -p $(HOME)/.config/snakemake
-	rm -rf $(HOME)/.config/snakemake/a2mim-slurm
-	cp -r profiles/slurm $(HOME)/.config/snakemake/a2mim-slurm
+	@dest="$(SMK_PROFILE)"; \
+	if [ -e "$$dest" ] && [ ! -f "$$dest/.a2mim-profile" ]; then \
+	  echo "install-profile: $$dest exists and was not installed by a2mim: left as is;" \
+	       "use 'snakemake --profile profiles/slurm ...' (or move it away and rerun make)"; \
+	else \
+	  mkdir -p "$$dest" && \
+	  cp profiles/slurm/config.yaml "$$dest/config.yaml.new" && mv "$$dest/config.yaml.new" "$$dest/config.yaml" && \
+	  echo "Installed by a2mim's 'make install-profile' from $(CURDIR)/profiles/slurm; updated by it." > "$$dest/.a2mim-profile" && \
+	  echo "install-profile: $$dest (snakemake --profile slurm all_tables, from the repository root)"; \
+	fi
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -22,11 +22,7 @@ validate(config, "workflow/schemas/config.schema.yaml", set_default=True)
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
-include: "workflow/rules/pretrain.smk"
-include: "workflow/rules/finetune.smk"
-include: "workflow/rules/linprobe.smk"
-include: "workflow/rules/detect.smk"
-include: "workflow/rules/segment.smk"
+include: "workflow/rules/stages.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/tables.smk"
 

@@ -8,6 +8,8 @@ Commands
   segment                 UperNet semantic segmentation (ADE20K layout) from an encoder.pt (--init)
   detect                  COCO Mask R-CNN (box/mask AP) from a pretrain encoder.pt (--init)
   analyze FIGURE          paper Figs. 1/3/5 from run folders (--model LABEL=PATH, repeated)
+  check STAGE ARGS        resolve and validate a stage's command line (what launch runs first)
+  launch [opts] -- STAGE  run a stage as a Submitit job (local, SLURM, in-process) and wait
   tables                  paper Tables 1-5 beside our MLflow numbers, and an audit of the claims
   presets                 list the method presets and the recipes shipped with the package
 """
@@ -18,45 +20,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from a2mim.config import ConfigError, load_yaml
-
-
-def _set_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested mapping."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set expects key=value, got {assignment!r}")
-    key, raw = assignment.split("=", 1)
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
-
-
-def _stage_config(stage: str, args: argparse.Namespace) -> dict[str, Any]:
-    from a2mim import recipes
-
-    data = load_yaml(recipes.resolve(stage, args.config))
-    data.pop("stage", None)
-    data.pop("derived", None)
-    for assignment in args.set or []:
-        _set_override(data, assignment)
-    for assignment in getattr(args, "tag", None) or []:
-        key, sep, value = assignment.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--tag expects KEY=VALUE, got {assignment!r}")
-        data.setdefault("tags", {})[key] = value  # always a string, unlike --set
-    if getattr(args, "models", None):  # analyze: the figure and each --model LABEL=PATH
-        from a2mim.stages.analyze import parse_models
-
-        data["figure"], data["models"] = args.figure, parse_models(args.models)
-    return data
+from a2mim.config import ConfigError
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -97,38 +62,31 @@ def _prepare_scenes(args: argparse.Namespace) -> int:
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
-    """Load, validate and run one training stage (``pretrain``, ``finetune``, ``linprobe``)."""
-    import importlib
+    """Resolve, validate and run one stage (``a2mim <stage> ...``) in this process."""
+    from a2mim import command
 
-    stage = importlib.import_module(f"a2mim.stages.{args.command}")
-    data = _stage_config(args.command, args)
-    if getattr(args, "init", None) is not None:
-        data["init"] = str(args.init)
-    cfg = stage.load_config(data, where=str(args.config))
-    from a2mim.train.distributed import process_group
-
-    with process_group(cfg.device):  # joins torchrun's / Submitit's group when WORLD_SIZE > 1
-        metrics = stage.run(cfg, args.out)
+    metrics = command.run(args)
     print(json.dumps(metrics, indent=2))
     return 0
 
 
-def _cmd_launch(args: argparse.Namespace) -> int:
-    """Check the stage's arguments and config here, then run it as a Submitit job and wait."""
-    import importlib
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Resolve and validate a stage's command line without running it."""
+    from a2mim import command
 
+    argv = args.stage_argv[1:] if args.stage_argv[:1] == ["--"] else args.stage_argv
+    if not argv:
+        raise ConfigError("no stage given: a2mim check [--] <stage> <stage args>")
+    command.check(argv, require_data=not args.no_data)
+    print(f"a2mim check: `a2mim {' '.join(argv)}` is ready to run")
+    return 0
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    """Check the stage's command line (in a child process), then run it as a job and wait."""
     from a2mim import launch
 
     cfg, argv = launch.config_from_args(args)
-    stage_args = build_parser().parse_args(argv)  # usage errors exit 2 before any submission
-    if stage_args.command == "launch":
-        raise launch.LaunchError("a2mim launch cannot launch itself")
-    if stage_args.func is _cmd_stage:
-        stage = importlib.import_module(f"a2mim.stages.{stage_args.command}")
-        data = _stage_config(stage_args.command, stage_args)
-        if getattr(stage_args, "init", None) is not None:
-            data["init"] = str(stage_args.init)
-        stage.load_config(data, where=str(stage_args.config))  # config errors: exit 2 here
     return launch.launch(cfg, argv)
 
 
@@ -150,7 +108,9 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     print("method presets (model.preset):")
     for name, (_, note) in PRESETS.items():
         print(f"  {name:20s} {note}")
-    for stage in ("pretrain", "finetune", "linprobe", "detect", "segment", "analyze"):
+    from a2mim.stages import STAGES
+
+    for stage in STAGES:
         names = recipes.available(stage)
         if names:
             print(f"{stage} recipes (a2mim {stage} --config NAME):", ", ".join(names))
@@ -188,108 +148,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128, help="scenes: image side in px (default 128)")
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser(
-        "pretrain",
-        help="A²MIM / SimMIM pre-training",
-        description="Pre-train an encoder with masked image modeling. Restarting the same "
-        "command resumes from <out>/checkpoint.pt.",
-    )
-    p.add_argument(
-        "--config", required=True, help="YAML config file, or a recipe name (see `a2mim presets`)"
-    )
-    p.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, metrics)")
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set epochs=5 --set data.root=/data/in1k",
-    )
-    p.set_defaults(func=_cmd_stage)
+    from a2mim import command, launch
+    from a2mim.stages import STAGES
 
-    for name, help_, desc in (
-        (
-            "finetune",
-            "classification fine-tuning (timm)",
-            "Fine-tune the encoder of a pretrain run (--init <run>/encoder.pt), or train from "
-            "scratch without --init. Restarting the same command resumes from "
-            "<out>/checkpoint.pt.",
-        ),
-        (
-            "linprobe",
-            "linear probe on frozen features",
-            "Train BatchNorm + Linear on the frozen, pooled features of a pretrain encoder "
-            "(--init <run>/encoder.pt; without it, of a random-init backbone). Restarting the "
-            "same command resumes from <out>/checkpoint.pt.",
-        ),
-        (
-            "detect",
-            "COCO Mask R-CNN (torchvision or detectron2 backend)",
-            "Fine-tune Mask R-CNN on a COCO-format instance set from the encoder of a pretrain "
-            "run (--init <run>/encoder.pt; without it, from scratch) and report box/mask AP. "
-            "Restarting the same command resumes from <out>/checkpoint.pt.",
-        ),
-        (
-            "knn",
-            "weighted k-NN accuracy of frozen features",
-            "Classify the validation images by a weighted vote of their k nearest training "
-            "images in the feature space of a pretrain encoder (--init <run>/encoder.pt), as "
-            "DINO's k-NN evaluation.",
-        ),
-        (
-            "segment",
-            "semantic segmentation (UperNet, ADE20K layout)",
-            "Train UperNet on the encoder of a pretrain run (--init <run>/encoder.pt; without "
-            "it, from scratch) and report mIoU. Restarting the same command resumes from "
-            "<out>/checkpoint.pt.",
-        ),
-    ):
-        p = sub.add_parser(name, help=help_, description=desc)
-        p.add_argument(
-            "--config",
-            required=True,
-            help=f"YAML config file, or a recipe name ({name}_<NAME>.yaml in a2mim/recipes)",
-        )
-        p.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, metrics)")
-        p.add_argument(
-            "--init",
-            type=Path,
-            metavar="CKPT",
-            help=(
-                "encoder.pt of a pretrain run, or model.pt of a finetune run (a supervised "
-                "encoder); overrides the config's init"
-            ),
-        )
-        p.add_argument(
-            "--set",
-            action="append",
-            metavar="KEY=VALUE",
-            help="override a config value, e.g. --set epochs=5 --set data.root=/data/in1k",
-        )
+    for stage in STAGES.values():
+        p = sub.add_parser(stage.name, help=stage.help, description=stage.description)
+        command.add_arguments(p, stage)
         p.set_defaults(func=_cmd_stage)
 
     p = sub.add_parser(
-        "analyze",
-        help="paper Figs. 1, 3, 5 from finished runs",
-        description="figure1: occlusion robustness and multi-order interactions of finetune "
-        "runs; figure3: Fourier / variance of block outputs of pretrain or finetune runs; "
-        "figure5: reconstructions of pretrain runs. Writes <out>/FIGURE.png/.svg/.csv and "
-        "metrics.json; PATH 'random' is a random-init model (figures 1, 3).",
+        "check",
+        help="resolve and validate a stage's command line without running it",
+        description="Everything `a2mim <stage>` checks before it trains: the recipe with every "
+        "--set, the config's keys, types and ranges, the backend and backbone, and the layout "
+        "of data.root. `a2mim launch` runs it before it submits a job; the workflow runs the "
+        "same checks at planning time.",
     )
-    p.add_argument("figure", choices=["figure1", "figure3", "figure5"], help="which figure")
-    p.add_argument("--config", required=True, help="YAML file or recipe (analyze_<NAME>.yaml)")
-    p.add_argument("--out", required=True, type=Path, help="output folder of the figure")
     p.add_argument(
-        "--model",
-        dest="models",
-        action="append",
-        required=True,
-        metavar="LABEL=PATH",
-        help="a curve / row: legend label and run folder, e.g. --model A2MIM=results/runs/ft",
+        "--no-data",
+        action="store_true",
+        help="a data.root that does not exist here is no error (a wrong layout still is)",
     )
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
-    p.set_defaults(func=_cmd_stage)
-
-    from a2mim import launch
+    p.add_argument("stage_argv", nargs=argparse.REMAINDER, metavar="-- STAGE ARGS")
+    p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser(
         "launch",
@@ -336,20 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list method presets and recipes")
     p.set_defaults(func=_cmd_presets)
-    for stage_parser in sub.choices.values():  # every training / evaluation stage
-        if stage_parser.get_default("func") is _cmd_stage:
-            stage_parser.add_argument(
-                "--tag",
-                action="append",
-                metavar="KEY=VALUE",
-                help="extra MLflow tag of the run (string), e.g. --tag experiment=tiny",
-            )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from a2mim.atomic import DiskFullError
     from a2mim.launch import LaunchError
     from a2mim.tracking import TrackingError
 
@@ -359,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         ConfigError,
         TrackingError,
         LaunchError,
+        DiskFullError,
         FileNotFoundError,
         FileExistsError,
         ValueError,

@@ -28,9 +28,11 @@ What a workflow needs from it, and how it is met:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -41,6 +43,8 @@ from typing import Literal
 import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
+from a2mim.stages import Resources
+
 Cluster = Literal["local", "slurm", "debug"]
 CLUSTERS: tuple[str, ...] = ("local", "slurm", "debug")
 STDERR_TAIL_LINES = 40
@@ -50,36 +54,35 @@ class LaunchError(RuntimeError):
     """A launch that cannot start: bad options or stage arguments."""
 
 
+MARKER = ".a2mim-launch"  # in every job folder this launcher made: only those are cleared
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Where and with what resources one stage job runs."""
+    """Where and with what resources one stage job runs (defaults: ``stages.Resources``)."""
 
     job_dir: Path
     cluster: Cluster = "local"
     name: str = "a2mim"
-    partition: str | None = None
-    nodes: int = 1
-    tasks_per_node: int = 1
-    gpus_per_node: int = 0
-    cpus_per_task: int = 1
-    mem_gb: float | None = None
-    timeout_min: int = 60
-    signal_delay_s: int = 120  # SLURM: USR2 this long before the time limit -> checkpoint()
-    max_retries: int = 2  # resubmissions after a job died without a result
-    slurm_args: dict[str, str] = field(default_factory=dict)  # e.g. account, qos, constraint
+    resources: Resources = field(default_factory=Resources)
 
     def __post_init__(self) -> None:
+        res = self.resources
         if self.cluster not in CLUSTERS:
             raise LaunchError(f"cluster {self.cluster!r} is not one of {', '.join(CLUSTERS)}")
         for name in ("nodes", "tasks_per_node", "cpus_per_task", "timeout_min"):
-            if int(getattr(self, name)) < 1:
+            if int(getattr(res, name)) < 1:
                 raise LaunchError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.gpus_per_node < 0 or self.max_retries < 0:
-            raise LaunchError("--gpus-per-node and --max-retries must be >= 0")
+        if min(res.gpus_per_node, res.max_retries, res.max_requeues, res.signal_delay_s) < 0:
+            raise LaunchError(
+                "--gpus-per-node, --max-retries, --max-requeues and --signal-delay-s must be >= 0"
+            )
+        if res.mem_gb is not None and res.mem_gb <= 0:
+            raise LaunchError("--mem-gb must be > 0")
 
     @property
     def world_size(self) -> int:
-        return self.nodes * self.tasks_per_node
+        return self.resources.nodes * self.resources.tasks_per_node
 
 
 class RequeueSafe(submitit.helpers.Checkpointable):
@@ -104,17 +107,29 @@ class RequeueSafe(submitit.helpers.Checkpointable):
 class StageJob(RequeueSafe):
     """The picklable job: ``a2mim <argv>`` in the job's process, one call per task.
 
-    Submitit pickles this object, runs it on the node, and on preemption/time limit calls
-    ``checkpoint`` (inherited), which resubmits the same object: the stage resumes from its run
-    folder, so no state needs to travel in the pickle.
+    Save on signal: SLURM's USR2 (``signal_delay_s`` before the time limit, or a preemption) and
+    SIGTERM only ask the stage to stop (:func:`a2mim.train.preemption.request`); the training
+    engine writes the checkpoint of the step it is in and raises ``Preempted``. After USR2 the
+    job then hands over to Submitit's own handler, which calls :meth:`checkpoint` and requeues
+    the job: it resumes from that checkpoint, losing at most the step in flight. After SIGTERM
+    (a cancellation, or a kill without warning) the job exits without a result: the launcher
+    resubmits it (``max_retries``) and it resumes the same way; its MLflow run is marked KILLED.
+    Should the stage not stop in time (a long evaluation, or a stage without save-on-signal),
+    a fallback fires: after USR2, Submitit's requeue from the last regular checkpoint after
+    half of ``signal_delay_s``; after SIGTERM, a KeyboardInterrupt after ``SIGTERM_GRACE_S``.
     """
 
-    def __init__(self, argv: Sequence[str], threads: int = 1) -> None:
+    def __init__(self, argv: Sequence[str], threads: int = 1, signal_delay_s: int = 120) -> None:
         self.argv = list(argv)
         self.threads = threads
+        self.signal_delay_s = signal_delay_s
 
     def __call__(self) -> int:
+        os.environ["OMP_NUM_THREADS"] = str(self.threads)  # not Snakemake's 0 of a waiting rule
         import torch
+
+        from a2mim import command
+        from a2mim.train import preemption
 
         # One intra-op thread per CPU the job was given (not per core of the machine: local jobs
         # share it, and a SLURM cgroup's CPUs are fewer than the node's).
@@ -128,12 +143,23 @@ class StageJob(RequeueSafe):
             f"(restart {restarts}): a2mim {' '.join(self.argv)}",
             flush=True,
         )
-        from a2mim.cli import main
-
-        code = main(self.argv)
-        if code != 0:
-            raise RuntimeError(f"`a2mim {' '.join(self.argv)}` exited with status {code}")
-        return code
+        args = command.parse(self.argv)
+        requeue = _SaveOnSignal(self.signal_delay_s).install()
+        try:
+            metrics = command.run(args)
+        except preemption.Preempted as stopped:
+            reason = preemption.requested()
+            print(f"a2mim: {stopped}", flush=True)
+            _disarm()
+            if reason == "SIGUSR2" and requeue is not None:
+                requeue(signal.SIGUSR2, None)  # Submitit: checkpoint(), requeue, exit (rank 0)
+            if env.global_rank != 0:
+                time.sleep(60)  # rank 0 requeues the job; SLURM then ends this task
+            sys.exit(143)  # no result: the launcher resubmits, the stage resumes
+        finally:
+            _disarm()  # a fallback alarm must not outlive the stage (it would kill the exit)
+        print(json.dumps(metrics, indent=2), flush=True)
+        return 0
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         print(
@@ -144,25 +170,75 @@ class StageJob(RequeueSafe):
         return super().checkpoint(*args, **kwargs)
 
 
+def _disarm() -> None:
+    """After the stage: no fallback alarm, and a USR2 now has nothing to save. Ignoring it also
+    covers the interpreter's exit, where Python's handlers are already reset to the default
+    (terminate): a job that ends just before its time limit is not killed by the warning."""
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+SIGTERM_GRACE_S = 25  # SIGTERM -> stop: SLURM's KillWait (30 s by default) leaves this much
+
+
+class _SaveOnSignal:
+    """Signal handlers that only ask the stage to save and stop (plus the fallbacks above)."""
+
+    def __init__(self, signal_delay_s: int) -> None:
+        self.signal_delay_s = signal_delay_s
+        self.requeue = None
+
+    def install(self):
+        """Install USR2 and SIGTERM handlers; returns Submitit's USR2 handler (or None)."""
+        previous = signal.getsignal(signal.SIGUSR2)
+        self.requeue = previous if callable(previous) else None
+        signal.signal(signal.SIGUSR2, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGALRM, self._on_alarm)
+        return self.requeue
+
+    def _on_signal(self, signum: int, frame) -> None:
+        from a2mim.train import preemption
+
+        name = signal.Signals(signum).name
+        if preemption.requested() is None or name == "SIGUSR2":
+            preemption.request(name)
+            delay = SIGTERM_GRACE_S if name == "SIGTERM" else max(self.signal_delay_s // 2, 5)
+            signal.alarm(delay)
+
+    def _on_alarm(self, signum: int, frame) -> None:
+        from a2mim.train import preemption
+
+        reason = preemption.requested()
+        if reason == "SIGUSR2" and self.requeue is not None:
+            print("a2mim: the stage did not save in time: requeueing from its last checkpoint")
+            self.requeue(signal.SIGUSR2, frame)
+        raise KeyboardInterrupt(f"{reason}: the stage did not stop within its grace time")
+
+
 def _executor(cfg: LaunchConfig, folder: Path) -> submitit.AutoExecutor:
-    executor = submitit.AutoExecutor(folder=folder, cluster=cfg.cluster)
+    res = cfg.resources
+    executor = submitit.AutoExecutor(
+        folder=folder, cluster=cfg.cluster, slurm_max_num_timeout=res.max_requeues
+    )
     params: dict[str, object] = {
         "name": cfg.name,
-        "timeout_min": int(cfg.timeout_min),
-        "nodes": cfg.nodes,
-        "tasks_per_node": cfg.tasks_per_node,
-        "cpus_per_task": cfg.cpus_per_task,
+        "timeout_min": int(res.timeout_min),
+        "nodes": res.nodes,
+        "tasks_per_node": res.tasks_per_node,
+        "cpus_per_task": res.cpus_per_task,
     }
-    if cfg.gpus_per_node:
-        params["gpus_per_node"] = cfg.gpus_per_node
-    if cfg.mem_gb is not None:
-        params["mem_gb"] = cfg.mem_gb
+    if res.gpus_per_node:
+        params["gpus_per_node"] = res.gpus_per_node
+    if res.mem_gb is not None:
+        params["mem_gb"] = res.mem_gb
     if cfg.cluster == "slurm":
-        params["slurm_signal_delay_s"] = cfg.signal_delay_s
-        if cfg.partition:
-            params["slurm_partition"] = cfg.partition
-        if cfg.slurm_args:
-            params["slurm_additional_parameters"] = dict(cfg.slurm_args)
+        params["slurm_signal_delay_s"] = res.signal_delay_s
+        if res.partition:
+            params["slurm_partition"] = res.partition
+        if res.slurm_args:
+            params["slurm_additional_parameters"] = dict(res.slurm_args)
     executor.update_parameters(**params)
     return executor
 
@@ -176,8 +252,8 @@ def _job_logs(job: submitit.Job) -> tuple[Path, Path]:
 
 
 def _report_failure(job: submitit.Job, reason: str) -> None:
-    out_path, err_path = _job_logs(job)
-    stderr = job.stderr() or ""
+    out_path, err_path = _job_logs(job.task(0))
+    stderr = job.task(0).stderr() or ""
     print(
         f"a2mim launch: job {job.job_id} failed: {reason}\n"
         f"--- last {STDERR_TAIL_LINES} lines of its stderr ({err_path}) ---\n"
@@ -188,15 +264,78 @@ def _report_failure(job: submitit.Job, reason: str) -> None:
     )
 
 
+def check_job_dir(job_dir: Path) -> None:
+    """A job folder may be new, empty, or one this launcher made (it holds ``MARKER``); any
+    other folder is refused: the launcher clears it, and never deletes what it did not create."""
+    if job_dir.exists() and not job_dir.is_dir():
+        raise LaunchError(f"--job-dir {job_dir} is a file; give a folder for the job's logs")
+    if job_dir.is_dir() and any(job_dir.iterdir()) and not (job_dir / MARKER).is_file():
+        raise LaunchError(
+            f"--job-dir {job_dir} is not empty and was not made by `a2mim launch` (no "
+            f"{MARKER} in it): it may be a run folder or your files, and the launcher "
+            "clears its job folder; give a new or empty folder, e.g. "
+            f"{job_dir.parent / 'jobs' / job_dir.name}"
+        )
+
+
+def prepare_job_dir(job_dir: Path) -> None:
+    """An empty, marked job folder for this target; one left by an earlier launch is cleared
+    (a result there could pass for the new job's: PITFALLS.md)."""
+    check_job_dir(job_dir)
+    if job_dir.is_dir() and any(job_dir.iterdir()):
+        shutil.rmtree(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / MARKER).write_text(
+        "Made by `a2mim launch`: Submitit's job folder, cleared at the next launch.\n"
+    )
+
+
+def preflight(argv: Sequence[str]) -> None:
+    """``a2mim check <argv>`` in a child process (this waiting process never imports torch):
+    a config, backend, backbone or dataset problem stops the launch before any submission."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # Snakemake sets 0 for rules of 0 threads
+    proc = subprocess.run(
+        [sys.executable, "-m", "a2mim", "check", "--", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if proc.returncode != 0:
+        message = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
+        raise LaunchError(
+            f"nothing submitted: the stage's pre-flight check failed:\n{message}".replace(
+                "a2mim check: error: ", ""
+            )
+        )
+
+
 def launch(cfg: LaunchConfig, argv: Sequence[str]) -> int:
-    """Submit ``a2mim <argv>``, wait, and return 0 on success, 1 on failure."""
-    if cfg.job_dir.exists():
-        shutil.rmtree(cfg.job_dir)
-    cfg.job_dir.mkdir(parents=True)
-    for attempt in range(cfg.max_retries + 1):
+    """Check, submit ``a2mim <argv>``, wait, and return 0 on success, 1 on failure."""
+    check_job_dir(cfg.job_dir)
+    if "--out" in argv[:-1]:
+        out = Path(argv[list(argv).index("--out") + 1]).resolve()
+        job_dir = cfg.job_dir.resolve()
+        if out == job_dir or job_dir in out.parents:
+            raise LaunchError(
+                f"--job-dir {cfg.job_dir} holds the run folder --out {out}: the launcher clears "
+                "its job folder at the next launch; give the jobs their own folder"
+            )
+    preflight(argv)
+    prepare_job_dir(cfg.job_dir)
+    res = cfg.resources
+    for attempt in range(res.max_retries + 1):
         executor = _executor(cfg, cfg.job_dir / f"attempt{attempt}")
-        job = executor.submit(StageJob(argv, threads=cfg.cpus_per_task))
-        out_path, err_path = _job_logs(job)
+        try:
+            job = executor.submit(StageJob(argv, res.cpus_per_task, res.signal_delay_s))
+        except FailedJobError as err:  # sbatch refused it: no such partition, no SLURM, ...
+            print(
+                f"a2mim launch: the {cfg.cluster} executor could not submit the job:\n"
+                f"{_tail(str(err), 10)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
+        out_path, err_path = _job_logs(job.task(0))
         print(
             f"a2mim launch: submitted job {job.job_id} ({cfg.cluster}, {cfg.world_size} task(s)); "
             f"logs: {out_path} {err_path}",
@@ -204,24 +343,24 @@ def launch(cfg: LaunchConfig, argv: Sequence[str]) -> int:
         )
         started = time.monotonic()
         try:
-            job.result()
+            job.results()  # every task (a multi-task job has one result per task)
         except FailedJobError as err:  # the stage raised: retrying would fail the same way
             _report_failure(job, str(err).strip().splitlines()[0] if str(err) else "error")
             return 1
         except UncompletedJobError as err:  # died without a result: cancelled, killed, lost
             reason = str(err).strip().splitlines()[0] if str(err) else "no result"
-            if attempt < cfg.max_retries:
+            if attempt < res.max_retries:
                 print(
                     f"a2mim launch: job {job.job_id} ended without a result ({reason}); "
-                    f"resubmitting ({attempt + 1}/{cfg.max_retries}), the stage resumes from its "
+                    f"resubmitting ({attempt + 1}/{res.max_retries}), the stage resumes from its "
                     "checkpoint",
                     file=sys.stderr,
                     flush=True,
                 )
                 continue
-            _report_failure(job, f"{reason}; gave up after {cfg.max_retries} resubmission(s)")
+            _report_failure(job, f"{reason}; gave up after {res.max_retries} resubmission(s)")
             return 1
-        stdout = job.stdout() or ""
+        stdout = job.task(0).stdout() or ""
         if stdout:
             print(_tail(stdout, 200), flush=True)
         print(
@@ -240,30 +379,44 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``a2mim launch`` options (shared with the CLI's help)."""
+    """The ``a2mim launch`` options (shared with the CLI's help); defaults: ``Resources()``."""
+    d = Resources()
     p.add_argument("--cluster", choices=CLUSTERS, default="local", help="executor (default local)")
     p.add_argument(
-        "--job-dir", required=True, type=Path, help="this target's Submitit folder (cleared first)"
+        "--job-dir",
+        required=True,
+        type=Path,
+        help=f"this target's Submitit folder: new, empty, or made by a2mim launch ({MARKER})",
     )
     p.add_argument("--name", default="a2mim", help="job name")
-    p.add_argument("--partition", help="SLURM partition")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--tasks-per-node", type=int, default=1, help="processes per node (one per GPU)")
-    p.add_argument("--gpus-per-node", type=int, default=0)
-    p.add_argument("--cpus-per-task", type=int, default=1)
-    p.add_argument("--mem-gb", type=float)
-    p.add_argument("--timeout-min", type=int, default=60, help="time limit of one job (minutes)")
+    p.add_argument("--partition", default=d.partition, help="SLURM partition")
+    p.add_argument("--nodes", type=int, default=d.nodes)
+    p.add_argument(
+        "--tasks-per-node", type=int, default=d.tasks_per_node, help="processes per node (1/GPU)"
+    )
+    p.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node)
+    p.add_argument("--cpus-per-task", type=int, default=d.cpus_per_task)
+    p.add_argument("--mem-gb", type=float, default=d.mem_gb)
+    p.add_argument(
+        "--timeout-min", type=int, default=d.timeout_min, help="time limit of one job (minutes)"
+    )
     p.add_argument(
         "--signal-delay-s",
         type=int,
-        default=120,
-        help="SLURM sends USR2 this long before the limit; the job requeues itself and resumes",
+        default=d.signal_delay_s,
+        help="SLURM sends USR2 this long before the limit; the stage saves, the job requeues",
     )
     p.add_argument(
         "--max-retries",
         type=int,
-        default=2,
+        default=d.max_retries,
         help="resubmissions after a job dies without a result (cancelled, killed, node lost)",
+    )
+    p.add_argument(
+        "--max-requeues",
+        type=int,
+        default=d.max_requeues,
+        help="SLURM: requeues at the time limit or a preemption before the job gives up",
     )
     p.add_argument(
         "--slurm-arg",
@@ -287,10 +440,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, list[str]]
         argv = argv[1:]
     if not argv:
         raise LaunchError("no stage given: a2mim launch [options] -- <stage> <stage args>")
-    cfg = LaunchConfig(
-        job_dir=args.job_dir,
-        cluster=args.cluster,
-        name=args.name,
+    if argv[0] in ("launch", "check"):
+        raise LaunchError(f"a2mim launch runs a stage, not `{argv[0]}`")
+    resources = Resources(
         partition=args.partition,
         nodes=args.nodes,
         tasks_per_node=args.tasks_per_node,
@@ -300,6 +452,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, list[str]]
         timeout_min=args.timeout_min,
         signal_delay_s=args.signal_delay_s,
         max_retries=args.max_retries,
+        max_requeues=args.max_requeues,
         slurm_args=dict(args.slurm_arg),
+    )
+    cfg = LaunchConfig(
+        job_dir=args.job_dir, cluster=args.cluster, name=args.name, resources=resources
     )
     return cfg, argv

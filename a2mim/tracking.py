@@ -556,7 +556,12 @@ class Tracker:
         if exc_type is None:
             self.close("FINISHED")
             return
-        status: Status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        from a2mim.train.preemption import Preempted
+
+        # Stopped from outside (Ctrl-C, SIGTERM, a preemption or time limit that saved and will
+        # resume): KILLED; anything else the stage raised: FAILED.
+        stopped = issubclass(exc_type, KeyboardInterrupt | SystemExit | Preempted)
+        status: Status = "KILLED" if stopped else "FAILED"
         try:
             self.close(status)
         except Exception as close_error:  # keep the original exception

@@ -8,33 +8,26 @@ cells name things that exist.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import re
 import shlex
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-STAGES = ("pretrain", "finetune", "linprobe", "detect", "segment")
+from a2mim import stages as registry
+
+STAGES = tuple(stage.name for stage in registry.matrix_stages())
 TABLES = ("table1", "table2", "table3", "table4", "table5")
 FIGURES = ("figure1", "figure3", "figure5")
-RESOURCE_DEFAULTS: dict[str, Any] = {
-    "partition": None,
-    "nodes": 1,
-    "tasks_per_node": 1,
-    "gpus_per_node": 0,
-    "cpus_per_task": 1,
-    "mem_gb": None,
-    "timeout_min": 60,
-    "signal_delay_s": 120,
-    "max_retries": 2,
-    "slurm_args": {},
-}
 PAPER_TABLES_PATH = Path(__file__).parent / "data" / "paper_tables.yaml"
+PREFLIGHT_CACHE = Path(".snakemake") / "a2mim-preflight"  # passed checks (Matrix.preflight)
 
 
 class ConfigMatrixError(ValueError):
@@ -173,10 +166,13 @@ class Matrix:
     def run_dir(self, stage: str, name: str) -> str:
         return f"{self.results}/runs/{stage}/{name}"
 
+    def output_name(self, stage: str) -> str:
+        """The file name a finished run of ``stage`` writes last (``encoder.pt``, ...)."""
+        return registry.get(stage).output
+
     def run_output(self, stage: str, name: str) -> str:
         """The file a finished run writes last: what downstream rules and targets wait for."""
-        last = "encoder.pt" if stage == "pretrain" else "metrics.json"
-        return f"{self.run_dir(stage, name)}/{last}"
+        return f"{self.run_dir(stage, name)}/{registry.get(stage).output}"
 
     def dataset_root(self, name: str, stage: str | None = None) -> str:
         """Where ``stage`` reads dataset ``name``: an external root as given; a generated scenes
@@ -325,12 +321,19 @@ class Matrix:
                 args += [f"--{key.replace('_', '-')}", str(spec[key])]
         return shlex.join(args)
 
-    def resources(self, stage: str, name: str | None = None) -> dict[str, Any]:
+    def resources(self, stage: str, name: str | None = None) -> registry.Resources:
+        """The stage's registry defaults, then the config's ``resources.default``, then its
+        entry for the run's ``resources`` key (default: the stage name)."""
         table = self.config.get("resources") or {}
         key = (
             self.runs(stage)[name].get("resources") if name in self.runs(stage) else None
         ) or stage
-        return {**RESOURCE_DEFAULTS, **(table.get("default") or {}), **(table.get(key) or {})}
+        values = {
+            **registry.get(stage).resources.as_dict(),
+            **(table.get("default") or {}),
+            **(table.get(key) or {}),
+        }
+        return registry.Resources(**values)
 
     def launch_args(self, stage: str, name: str) -> str:
         """``a2mim launch`` options: executor, the target's job folder and its resources."""
@@ -338,23 +341,67 @@ class Matrix:
         args = ["--cluster", self.launcher]
         args += ["--job-dir", f"{self.results}/jobs/{stage}/{name}"]
         args += ["--name", f"a2mim-{self.experiment}-{stage}-{name}"]
-        for key in (
-            "nodes",
-            "tasks_per_node",
-            "gpus_per_node",
-            "cpus_per_task",
-            "timeout_min",
-            "signal_delay_s",
-            "max_retries",
-        ):
-            args += [f"--{key.replace('_', '-')}", str(res[key])]
-        if res["partition"]:
-            args += ["--partition", str(res["partition"])]
-        if res["mem_gb"]:
-            args += ["--mem-gb", str(res["mem_gb"])]
-        for key, value in res["slurm_args"].items():
-            args += ["--slurm-arg", f"{key}={value}"]
+        for key, value in res.as_dict().items():
+            if key == "slurm_args":
+                for arg, text in value.items():
+                    args += ["--slurm-arg", f"{arg}={text}"]
+            elif value is not None:
+                args += [f"--{key.replace('_', '-')}", str(value)]
         return shlex.join(args)
+
+    # -- pre-flight ------------------------------------------------------------------------
+
+    def preflight(self, dry_run: bool = False, cache: Path | None = PREFLIGHT_CACHE) -> list[str]:
+        """Resolve and validate every run's stage command as its job will (recipe, sets, keys,
+        types, ranges, backend, backbone, dataset layout), so that ``snakemake -n`` already
+        fails on what would fail in a job. A dataset root absent on this machine is no error
+        here (a rule may make it; ``a2mim launch`` checks it before it submits); a wrong layout
+        is. A dry run (which may plan elsewhere than the jobs run) reports a backend that is
+        not installed here as a warning (returned and printed); a real run stops on it.
+
+        Checking imports every stage's module (torch, timm, torchmetrics: seconds each), so a
+        passed check is remembered in ``cache`` (Snakemake's own ``.snakemake/`` folder), keyed
+        by the command, the package's files, whether detectron2 is installed and the state of
+        the run's data root and init file; anything that changes one of them checks it again."""
+        from a2mim import command
+        from a2mim.config import ConfigError
+
+        todo = [
+            (f"{stage}.{name}", [stage, *shlex.split(self.stage_args(stage, name))])
+            for stage in STAGES
+            for name in self.runs(stage)
+        ]
+        todo += [
+            (f"analysis.{fig}", ["analyze", fig, *shlex.split(self.figure_args(fig))])
+            for fig in self.figures()
+        ]
+        warnings: dict[str, list[str]] = {}
+        package = _package_stamp()
+        for where, argv in todo:
+            memo = cache / _check_key(argv, package, dry_run) if cache else None
+            if memo is not None and memo.is_file():
+                found = json.loads(memo.read_text())
+            else:
+                try:
+                    found = command.check(argv, require_data=False, require_env=not dry_run)
+                except (ConfigError, FileNotFoundError, ValueError) as exc:
+                    config = argv[argv.index("--config") + 1]
+                    raise ConfigMatrixError(
+                        f"{where} (`a2mim {argv[0]} --config {config} ...`): {exc}; fix the "
+                        "run's recipe or its set: in the workflow config"
+                    ) from None
+                if memo is not None:
+                    memo.parent.mkdir(parents=True, exist_ok=True)
+                    memo.write_text(json.dumps(found))
+            for text in found:
+                warnings.setdefault(text, []).append(where)
+        for text, runs in warnings.items():
+            print(
+                f"a2mim pre-flight WARNING (dry run; a real run stops here) for {', '.join(runs)}: "
+                f"{text}",
+                file=sys.stderr,
+            )
+        return list(warnings)
 
     def threads(self, stage: str, name: str) -> int:
         """Cores a job takes from Snakemake's budget: its CPUs when it runs on this machine;
@@ -363,7 +410,40 @@ class Matrix:
         if self.launcher == "slurm":
             return 0
         res = self.resources(stage, name)
-        return int(res["cpus_per_task"]) * int(res["tasks_per_node"])
+        return res.cpus_per_task * res.tasks_per_node
+
+
+def _package_stamp() -> str:
+    """Names, sizes and times of the package's files (code, recipes): a new version changes it."""
+    root = Path(__file__).parent
+    files = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml") and p.is_file())
+    return hashlib.sha256(
+        "\n".join(
+            f"{p.relative_to(root)} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in files
+        ).encode()
+    ).hexdigest()
+
+
+def _path_stamp(text: str) -> str:
+    """A path's state as far as a check reads it: missing, or its time and its entries'."""
+    path = Path(text)
+    if not path.exists():
+        return f"{text}: missing"
+    entries = sorted(path.iterdir()) if path.is_dir() else []
+    return f"{text}: " + " ".join(str(p.stat().st_mtime_ns) for p in [path, *entries])
+
+
+def _check_key(argv: list[str], package: str, dry_run: bool) -> str:
+    paths = [v.split("=", 1)[1].strip('"') for v in argv if v.startswith("data.root=")]
+    paths += [argv[i + 1] for i, v in enumerate(argv[:-1]) if v == "--init"]
+    d2 = importlib.util.find_spec("detectron2") is not None
+    text = json.dumps([argv, package, dry_run, d2, [_path_stamp(p) for p in paths]])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def per_run(method: Callable[[str, str], Any], stage: str) -> Callable[[Any], Any]:
+    """A rule's input/params/threads function: ``method(stage, wildcards.name)``."""
+    return lambda wildcards: method(stage, wildcards.name)
 
 
 def seed_run_name(name: str, seed: int) -> str:

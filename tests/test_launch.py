@@ -16,7 +16,7 @@ import yaml
 
 from a2mim.data.fashion_mnist import prepare_fashion_mnist
 
-A2MIM = [sys.executable, "-m", "a2mim.cli"]
+A2MIM = [sys.executable, "-m", "a2mim"]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,7 @@ def _launch(*args: str, **kw) -> subprocess.CompletedProcess:
 def test_stage_runs_as_a_local_job_in_a_cleared_folder(fmnist, tmp_path):
     jobs = tmp_path / "jobs"
     jobs.mkdir()
+    (jobs / ".a2mim-launch").write_text("")  # a job folder of an earlier launch: cleared
     (jobs / "stale_result.pkl").write_text("left by an earlier run")
     cfg = _config(tmp_path, fmnist, epochs=1)
     out = tmp_path / "run"
@@ -81,7 +82,10 @@ def test_config_error_exits_2_before_anything_is_submitted(fmnist, tmp_path):
 
 
 def test_crashing_job_exits_1_with_its_stderr_tail_and_log_paths(tmp_path):
-    cfg = _config(tmp_path, tmp_path / "no-such-dataset")
+    empty = tmp_path / "no-images"  # the layout passes the pre-flight; the job finds no image
+    for split in ("train", "val"):
+        (empty / split / "c0").mkdir(parents=True)
+    cfg = _config(tmp_path, empty)
     out = tmp_path / "run"
     result = _launch(
         "--job-dir", str(tmp_path / "jobs"), "--max-retries", "2", "--",
@@ -89,7 +93,7 @@ def test_crashing_job_exits_1_with_its_stderr_tail_and_log_paths(tmp_path):
     )  # fmt: skip
     assert result.returncode == 1
     err = result.stderr
-    assert "failed" in err and "no-such-dataset" in err  # the cause, from the job's stderr
+    assert "failed" in err and "no-images" in err  # the cause, from the job's stderr
     assert re.search(r"full logs: \S+_log\.out and \S+_log\.err", err)
     assert err.count("submitted job") == 0 and result.stdout.count("submitted job") == 1  # no retry
     assert not (out / "encoder.pt").exists()

@@ -24,10 +24,32 @@ def load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    problem = not_a_checkpoint(path)
+    if problem:
+        raise ValueError(problem)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+
+
+def not_a_checkpoint(path: str | Path) -> str | None:
+    """Why ``path`` is not a file ``torch.save`` wrote (its zip format), or None if it may be."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04"):
+        return None
+    size = Path(path).stat().st_size
+    if not head:
+        kind = "an empty file"
+    elif all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        kind = f"a text file ({size} bytes, starting {head[:32].decode()!r})"
+    else:
+        kind = f"a {size}-byte file in another format (first bytes {head[:8].hex()})"
+    return (
+        f"{path} is not a checkpoint: it is {kind}, where a PyTorch checkpoint (torch.save's zip "
+        "format) is expected: encoder.pt of a pretrain run or model.pt of a finetune run"
+    )
 
 
 def load_encoder_strict(

@@ -25,7 +25,10 @@ What a stage must keep in mind under ``world_size > 1`` (all stages follow it):
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -124,8 +127,42 @@ def init_distributed(device: str = "auto") -> tuple[int, int]:
         backend = "nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world)
+    store = _rendezvous_store(rank, world)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     return rank, world
+
+
+STORE_TIMEOUT = datetime.timedelta(minutes=30)  # torch's default for init_process_group
+
+
+def _rendezvous_store(rank: int, world: int) -> dist.TCPStore:
+    """The env:// rendezvous store, but rank 0's server listens on ``MASTER_ADDR`` only, not on
+    every interface of the node (torch's TCPStore binds ``::``). When ``MASTER_ADDR`` resolves
+    to a loopback address while ranks run on other nodes (a hostname that /etc/hosts maps to
+    127.0.1.1), binding there would lock them out: then it listens on all interfaces, as torch
+    does. Under torchrun, whose agent serves the store, every rank is a client."""
+    addr, port = os.environ["MASTER_ADDR"], _env_int("MASTER_PORT")
+    # Under torchrun the agent already serves the store (its own business); ranks are clients.
+    serve = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
+    listen_fd = None
+    if serve:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[
+            0
+        ]
+        local_world = _env_int("LOCAL_WORLD_SIZE", world)
+        if not (ipaddress.ip_address(sockaddr[0]).is_loopback and local_world < world):
+            server = socket.socket(family, kind, proto)
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                server.bind(sockaddr)
+                server.listen(max(world, 128))
+            except OSError:
+                server.close()
+                raise
+            listen_fd = server.detach()  # the store owns and closes it
+    return dist.TCPStore(
+        addr, port, world, serve, timeout=STORE_TIMEOUT, master_listen_fd=listen_fd
+    )
 
 
 def teardown(barrier: bool = True) -> None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
+import yaml
 
-from .conftest import job_stats, load_config, snakemake, write_config
+from .conftest import ROOT, job_stats, load_config, snakemake, write_config
 
 
 def test_snakemake_lint_is_clean() -> None:
@@ -98,6 +102,20 @@ def _mutated(tmp_path, mutate):
             "has no row 'MAE'",
         ),
         (lambda c: c.update(scale="huge"), "huge"),
+        # the pre-flight: what used to fail only inside the job
+        (
+            lambda c: c["pretrain"]["a2mim_r18"].update(set={"epoch": 3}),
+            "pretrain.a2mim_r18 (`a2mim pretrain --config tiny ...`): ",
+        ),
+        (lambda c: c["finetune"]["a2mim_r18"].update(set={"epochs": "three"}), "'three'"),
+        (
+            lambda c: c["pretrain"]["a2mim_r18"].update(set={"model.overrides.backbone": "vgg11"}),
+            "has no backbone adapter",
+        ),
+        (
+            lambda c: c["datasets"].update(fmnist={"root": str(ROOT / "docs")}),
+            "does not hold what this stage reads",
+        ),
     ],
     ids=[
         "unknown-top-key",
@@ -110,6 +128,10 @@ def _mutated(tmp_path, mutate):
         "data",
         "cell",
         "scale",
+        "set-unknown-key",
+        "set-ill-typed",
+        "set-backbone-without-adapter",
+        "root-layout",
     ],
 )
 def test_bad_config_is_refused_naming_the_problem(tmp_path, mutate, message) -> None:
@@ -189,3 +211,94 @@ def test_bad_seeds_and_paper_datasets_are_refused(tmp_path, mutate, message) -> 
     result = snakemake("-n", f"--configfile={path}", "all_tables")
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
+
+
+def test_paper_resources_are_sized_per_stage() -> None:
+    from a2mim.workflow import Matrix
+
+    matrix = Matrix(load_config("paper"))
+    train = matrix.resources("pretrain", next(iter(load_config("paper")["pretrain"])))
+    seg = matrix.resources("segment", next(iter(load_config("paper")["segment"])))
+    fig = matrix.resources("analyze", "figure1")
+    assert (train.tasks_per_node, train.mem_gb) == (8, 480)
+    assert (seg.tasks_per_node, seg.gpus_per_node, seg.mem_gb) == (4, 4, 240)
+    assert (fig.tasks_per_node, fig.gpus_per_node, fig.mem_gb) == (1, 1, 64)
+    for res in (train, seg, fig):  # never more memory per task than a training task has
+        assert res.mem_gb / res.tasks_per_node <= 480 / 8 + 4
+
+
+def test_every_matrix_stage_of_the_registry_is_in_the_schema_and_the_cli() -> None:
+    from a2mim import cli, stages
+
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    for stage in stages.STAGES.values():
+        assert stage.name in commands
+        if stage.in_matrix:
+            assert stage.name in schema["properties"], f"add {stage.name} to the schema"
+
+
+def test_no_import_circle_and_the_waiting_launcher_does_not_import_torch() -> None:
+    code = (
+        "import sys; from a2mim import cli; cli.build_parser(); import a2mim.launch;"
+        "print(sorted(m for m in ('torch', 'a2mim.cli') if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.split("\n")[0] == "['a2mim.cli']", out.stderr  # cli imported, torch not
+    code = "import sys, a2mim.launch; print('a2mim.cli' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "False", out.stderr  # launch does not import the cli
+
+
+def test_profile_installs_as_slurm_idempotently_and_never_over_a_foreign_one(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "XDG_CONFIG_HOME"}
+    env["HOME"] = str(tmp_path)
+
+    def install() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["make", "-s", "install-profile"], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+
+    dest = tmp_path / ".config" / "snakemake" / "slurm"
+    assert install().returncode == 0 and install().returncode == 0  # twice: idempotent
+    assert sorted(p.name for p in dest.iterdir()) == [".a2mim-profile", "config.yaml"]
+    assert (dest / "config.yaml").read_text() == (ROOT / "profiles/slurm/config.yaml").read_text()
+    result = snakemake("-n", "--profile", "slurm", "all_tables", env=env)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    launches = [line for line in out.splitlines() if line.startswith("Shell command: a2mim launch")]
+    assert launches and all("--cluster slurm" in line for line in launches)
+    # A `slurm` profile the user made is left alone, and said so.
+    (dest / ".a2mim-profile").unlink()
+    (dest / "config.yaml").write_text("jobs: 3\n")
+    again = install()
+    assert again.returncode == 0 and "not installed by a2mim: left as is" in again.stdout
+    assert (dest / "config.yaml").read_text() == "jobs: 3\n"
+    assert not (dest / ".a2mim-profile").exists()
+
+
+def test_preflight_remembers_passed_checks_until_an_input_changes(tmp_path, monkeypatch) -> None:
+    from a2mim import command
+    from a2mim.workflow import Matrix
+
+    cfg = copy.deepcopy(load_config("tiny"))
+    root = tmp_path / "fm"
+    (root / "train" / "c0").mkdir(parents=True)
+    (root / "val" / "c0").mkdir(parents=True)
+    cfg["datasets"]["fmnist"] = {"root": str(root)}
+    matrix, cache = Matrix(cfg), tmp_path / "cache"
+    checked = []
+    real_check = command.check
+    monkeypatch.setattr(
+        command, "check", lambda argv, **kw: checked.append(argv) or real_check(argv, **kw)
+    )
+    matrix.preflight(cache=cache)
+    runs = len(checked)
+    assert runs > 10 and len(list(cache.iterdir())) == runs
+    matrix.preflight(cache=cache)
+    assert len(checked) == runs  # nothing checked again
+    (root / "extra").mkdir()  # the layout of the runs' data root changed: those are checked again
+    matrix.preflight(cache=cache)
+    uses_fm = sum(1 for argv in checked[:runs] if f'data.root="{root}"' in argv)
+    assert uses_fm and len(checked) == runs + uses_fm

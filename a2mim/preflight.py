@@ -1,0 +1,207 @@
+"""Pre-flight: what a stage would otherwise find out inside its job, hours later, on a GPU node.
+
+:func:`check` runs after a stage's config validated (keys, types, ranges) and before anything is
+submitted: by the CLI, by ``a2mim launch`` (through ``a2mim check``) and by the workflow at
+planning time (``snakemake -n`` too). It checks that
+
+- the backend the config asks for is installed (detectron2),
+- the backbone is a timm model, and for pre-training that a backbone adapter handles it (the
+  model is built on the ``meta`` device: no memory, no weights),
+- ``data.root`` holds the layout the stage reads (ImageFolder splits, COCO annotation files and
+  image folders, ADE20K ``images/`` and ``annotations/``); the dataset modules' own
+  ``validate_root`` is used where they offer one.
+
+Every problem is a :class:`PreflightError` naming the value, what was found and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import Any
+
+from a2mim.config import ConfigError
+
+
+class PreflightError(ConfigError):
+    """A config that validates but cannot run here; the message names the fix."""
+
+
+class NotInstalledError(PreflightError):
+    """What the config asks for is not installed on this machine (a backend)."""
+
+
+def check(
+    stage: Any, cfg: Any, *, require_data: bool = True, require_env: bool = True
+) -> list[str]:
+    """Every pre-flight check of ``cfg`` for registry entry ``stage``; returns the problems of
+    this machine that were let pass (see below), to be shown as warnings.
+
+    ``require_data=False`` (the workflow, whose datasets may be made by its own rules): a
+    missing ``data.root`` is no error; a root that exists with the wrong layout still is.
+    ``require_env=False`` (a dry run, which may plan on a machine other than the jobs'): a
+    backend that is not installed here is returned instead of raised."""
+    warnings: list[str] = []
+    backend = getattr(cfg, "backend", None)
+    if isinstance(backend, str):
+        try:
+            check_backend(backend)
+        except NotInstalledError as exc:
+            if require_env:
+                raise
+            warnings.append(str(exc))
+    for backbone, kwargs, needs_adapter in _backbones(cfg):
+        check_backbone(backbone, kwargs, needs_adapter)
+    init = getattr(cfg, "init", None)
+    if isinstance(init, str):
+        check_init(Path(init), require_data)
+    data = getattr(cfg, "data", None)
+    root = getattr(data, "root", None)
+    if isinstance(root, str):
+        if not Path(root).exists():
+            if require_data:
+                raise PreflightError(
+                    f"data.root: {root} does not exist; point data.root (--set data.root=... or "
+                    f"the workflow config's datasets) at a {_LAYOUT_HELP[stage.layout]}"
+                )
+            return warnings
+        check_layout(stage.layout, Path(root), data)
+    return warnings
+
+
+def check_backend(name: str) -> None:
+    """``detectron2`` must be importable; ``auto`` and ``torchvision`` always run."""
+    if name != "detectron2":
+        return
+    from a2mim.detection import BackendUnavailable, resolve_backend
+
+    try:
+        resolve_backend(name)
+    except BackendUnavailable as exc:
+        raise NotInstalledError(str(exc)) from None
+
+
+def _backbones(cfg: Any) -> list[tuple[str, dict[str, Any], bool]]:
+    """``(timm name, kwargs, needs an adapter)`` of the config's backbones."""
+    found = []
+    if hasattr(cfg, "mim_config"):  # pre-training: the preset's backbone, through an adapter
+        mim = cfg.mim_config()
+        found.append((mim.backbone, dict(mim.backbone_kwargs), True))
+    model = getattr(cfg, "model", None)
+    name = getattr(model, "backbone", None)
+    if isinstance(name, str):
+        found.append((name, {}, False))
+    return found
+
+
+def check_backbone(name: str, kwargs: dict[str, Any], needs_adapter: bool) -> None:
+    import timm
+
+    from a2mim.train.encoder import check_backbone as check_timm_name
+
+    try:
+        check_timm_name(name, "backbone")
+    except ConfigError as exc:
+        raise PreflightError(f"{exc}; use a name from timm.list_models()") from None
+    if not needs_adapter:
+        return
+    import torch
+
+    from a2mim.backbones import adapt, adapter_classes
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    try:
+        adapt(model)
+    except TypeError:
+        families = [c.family for c in adapter_classes()]
+        raise PreflightError(
+            f"backbone {name!r} ({type(model).__name__}) has no backbone adapter (families: "
+            f"{', '.join(families)}); pick a backbone of those families, or add an adapter "
+            "module to a2mim/backbones/ (README: Adding a backbone family)"
+        ) from None
+
+
+def check_init(path: Path, require: bool) -> None:
+    """``--init`` is a checkpoint file (absent is an error only with ``require``: in the
+    workflow, the upstream run writes it later)."""
+    if not path.exists():
+        if require:
+            raise PreflightError(
+                f"init: {path} does not exist; --init takes encoder.pt of a finished pretrain "
+                "run or model.pt of a finished finetune run"
+            )
+        return
+    from a2mim.train.checkpoint import not_a_checkpoint
+
+    problem = not_a_checkpoint(path) if path.is_file() else f"{path} is a folder"
+    if problem:
+        raise PreflightError(f"init: {problem}")
+
+
+_LAYOUT_HELP = {
+    "imagefolder": "folder with <split>/<class>/<image> (ImageFolder: train/ and val/)",
+    "coco": "COCO 2017 folder: annotations/instances_{train,val}2017.json, train2017/, val2017/",
+    "ade": "ADE20K folder (ADEChallengeData2016): images/{training,validation}/, "
+    "annotations/{training,validation}/",
+}
+
+
+def check_layout(layout: str, root: Path, data: Any) -> None:
+    """``root`` holds what a stage of ``layout`` reads (the config's split names and files)."""
+    module = {"coco": "a2mim.data.coco", "ade": "a2mim.data.ade"}.get(layout)
+    validate = getattr(importlib.import_module(module), "validate_root", None) if module else None
+    if validate is not None:  # the dataset module's own check (it knows its layout best)
+        try:
+            validate(root, **_fields(validate, data))
+        except (ValueError, FileNotFoundError) as exc:
+            raise PreflightError(f"data.root: {exc}") from None
+        return
+    missing = [p for p in _expected(layout, root, data) if not p.exists()]
+    if missing:
+        raise PreflightError(
+            f"data.root: {root} does not hold what this stage reads: missing "
+            f"{', '.join(str(p) for p in missing)}; data.root must be a {_LAYOUT_HELP[layout]}"
+        )
+    if layout == "imagefolder":
+        for split in _expected(layout, root, data):
+            if not any(p.is_dir() for p in split.iterdir()):
+                raise PreflightError(
+                    f"data.root: {split} has no class folders; data.root must be a "
+                    f"{_LAYOUT_HELP[layout]}"
+                )
+
+
+def _fields(func: Any, data: Any) -> dict[str, Any]:
+    """The config's data fields that ``func`` takes as keyword arguments."""
+    import inspect
+
+    names = inspect.signature(func).parameters
+    values = dataclasses.asdict(data) if dataclasses.is_dataclass(data) else {}
+    kwargs = {k: v for k, v in values.items() if k in names and k != "root"}
+    splits = tuple(values[k] for k in ("split", "val_split") if values.get(k))
+    if "splits" in names and splits:
+        kwargs["splits"] = splits
+    return kwargs
+
+
+def _expected(layout: str, root: Path, data: Any) -> list[Path]:
+    if layout == "coco":
+        keys = ("train_ann", "train_images", "val_ann", "val_images")
+        return [root / getattr(data, k) for k in keys if getattr(data, k, None)]
+    if layout == "ade":
+        splits = [getattr(data, k, None) for k in ("split", "val_split")]
+        return [root / kind / s for s in splits if s for kind in ("images", "annotations")]
+    splits = [getattr(data, k, None) for k in ("split", "val_split")]
+    return [root / s for s in splits if s]
+
+
+__all__ = [
+    "NotInstalledError",
+    "PreflightError",
+    "check",
+    "check_backbone",
+    "check_backend",
+    "check_layout",
+]
