@@ -41,6 +41,9 @@ class PaperRuns:
     wall_s: float
     backend_switched: list[str]  # detect jobs run with backend torchvision (no detectron2)
 
+    def job(self, key: str) -> Job:
+        return next(job for job in self.jobs if job.key == key)
+
 
 def collection_jobs() -> list[Job]:
     """The distinct jobs, for parametrizing (placeholder roots: nothing is read)."""
@@ -63,7 +66,7 @@ def paper_data(tmp_path_factory) -> dict[str, Path]:
 def paper_runs(paper_data, tmp_path_factory, request) -> PaperRuns:
     results_dir = tmp_path_factory.mktemp("paper_results")
     matrix = paper_matrix(results_dir, paper_data)
-    jobs = distinct_jobs(matrix)
+    jobs = _selected(distinct_jobs(matrix), request.session.items)
     switched = []
     for job in jobs:
         if job.stage == "detect" and not DETECTRON2 and _recipe_backend(job) == "detectron2":
@@ -76,6 +79,23 @@ def paper_runs(paper_data, tmp_path_factory, request) -> PaperRuns:
     summary = {k: [r.returncode, round(r.wall_s, 1), round(r.cpu_s, 1)] for k, r in results.items()}
     (results_dir / "timings.json").write_text(json.dumps({"wall_s": wall, "jobs": summary}))
     return PaperRuns(matrix, jobs, results, wall, switched)
+
+
+def _selected(jobs: list[Job], items) -> list[Job]:
+    """The jobs the selected tests ask for (``-k``), with the jobs they init from."""
+    wanted = {
+        item.callspec.params["key"]
+        for item in items
+        if hasattr(item, "callspec") and "key" in item.callspec.params
+    }
+    by_key = {job.key: job for job in jobs}
+    todo = list(wanted)
+    while todo:
+        job = by_key[todo.pop()]
+        if job.init is not None and f"{job.init[0]}/{job.init[1]}" not in wanted:
+            wanted.add(f"{job.init[0]}/{job.init[1]}")
+            todo.append(f"{job.init[0]}/{job.init[1]}")
+    return [job for job in jobs if job.key in wanted]
 
 
 def _recipe_backend(job: Job) -> str:

@@ -27,7 +27,7 @@ from a2mim.workflow import STAGES, Matrix
 
 pytestmark = pytest.mark.paper_geometry
 
-JOBS = collection_jobs()
+KEYS = [job.key for job in collection_jobs()]
 PAPER_VALUES = yaml.safe_load((Path(__file__).parent / "paper_values.yaml").read_text())
 # What each stage writes last, and the metric its evaluation reports.
 OUTPUT = {"pretrain": "encoder.pt", "finetune": "model.pt", "linprobe": "metrics.json",
@@ -82,9 +82,10 @@ def _result(runs: PaperRuns, job: Job):
     return result
 
 
-@pytest.mark.parametrize("job", JOBS, ids=[j.key for j in JOBS])
-def test_paper_job_takes_steps(paper_runs: PaperRuns, job: Job):
+@pytest.mark.parametrize("key", KEYS)
+def test_paper_job_takes_steps(paper_runs: PaperRuns, key: str):
     """The job exits 0 after 1-3 finite optimizer steps, evaluates and writes its outputs."""
+    job = paper_runs.job(key)
     _result(paper_runs, job)
     out = job.out
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -101,19 +102,21 @@ def test_paper_job_takes_steps(paper_runs: PaperRuns, job: Job):
         derived = yaml.safe_load((out / "resolved_config.yaml").read_text())["derived"]
         init_path = job.paper_argv[job.paper_argv.index("--init") + 1]
         assert Path(init_path).is_file()
-        assert derived.get("init"), f"{job.key}: derived.init is empty: {derived.get('init')}"
+        init = derived.get("init") or {}
+        assert init.get("path") == init_path, f"{job.key}: derived.init {init} is not {init_path}"
 
 
-@pytest.mark.parametrize("job", JOBS, ids=[j.key for j in JOBS])
-def test_paper_job_runs_paper_config(paper_runs: PaperRuns, job: Job):
+@pytest.mark.parametrize("key", KEYS)
+def test_paper_job_runs_paper_config(paper_runs: PaperRuns, key: str):
     """``resolved_config.yaml`` (and the MLflow params) of the stepped run are the paper job's
     config key by key, except the test's caps; its lr is the scaling rule at its global batch."""
+    job = paper_runs.job(key)
     _result(paper_runs, job)
     resolved = yaml.safe_load((job.out / "resolved_config.yaml").read_text())
     assert resolved.pop("stage") == job.stage
     derived = resolved.pop("derived")
     ran = _flat(resolved)
-    paper = _flat(to_dict(paper_config(job.stage, job.paper_argv)))
+    paper = _flat(to_dict(paper_config(job.stage, job.paper_argv[1:])))
     for key, value in job.caps.items():
         assert ran.get(key) == value, f"{job.key}: cap {key}={value!r} not applied ({ran.get(key)})"
     differ = sorted(
