@@ -30,7 +30,9 @@ PAPER_CONFIG = REPO / "workflow" / "config" / "paper.yaml"
 
 # What the test overrides per stage (`--set KEY=VALUE`), and nothing else: steps (one epoch of
 # the 2 training images, one iteration), images per step (2: the fewest BatchNorm trains on;
-# 1 for detection), evaluation sizes, loader workers (2 cores).
+# 1 for detection), evaluation sizes, loader workers (2 cores). figure_images: the reconstruction
+# figure's images (recipes: 8), at most the 2 val images (with fewer, pretrain's _figure_batch
+# raises IndexError: it indexes figure_images items before slicing to the split's length).
 CAPS: dict[str, dict[str, Any]] = {
     "pretrain": {"epochs": 1, "batch_size": 2, "data.num_workers": 0, "figure_images": 2},
     "finetune": {"epochs": 1, "batch_size": 2, "data.num_workers": 0, "data.eval_batch_size": 2},
@@ -42,7 +44,8 @@ CAPS: dict[str, dict[str, Any]] = {
         "data.val_limit": 1,
     },
     # warmup_iters: the segment config refuses a warm-up as long as the run (1500 >= 1 iteration);
-    # the only schedule key changed, forced by that check (see README: a step cap is missing).
+    # the only schedule key changed, forced by that check: no stage offers a step cap that keeps
+    # the full run's schedule (stop after N steps, then evaluate and save).
     "segment": {"iters": 1, "batch_size": 2, "data.num_workers": 0, "optim.warmup_iters": 0},
 }
 # Keys of a paper run's `set:` that are step caps here (so runs differing only in them are one).
