@@ -75,7 +75,7 @@ def paper_runs(paper_data, tmp_path_factory, request) -> PaperRuns:
     start = time.perf_counter()
     results = run_jobs(jobs, results_dir / "logs", lanes=2)
     wall = time.perf_counter() - start
-    _report(request, jobs, results, wall, switched)
+    _report(jobs, results, wall, switched)
     summary = {k: [r.returncode, round(r.wall_s, 1), round(r.cpu_s, 1)] for k, r in results.items()}
     (results_dir / "timings.json").write_text(json.dumps({"wall_s": wall, "jobs": summary}))
     return PaperRuns(matrix, jobs, results, wall, switched)
@@ -107,20 +107,26 @@ def _recipe_backend(job: Job) -> str:
     )
 
 
-def _report(request, jobs, results, wall, switched) -> None:
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is None:
-        return
+SUMMARY: list[str] = []  # printed after the test session (pytest_terminal_summary)
+
+
+def _report(jobs, results, wall, switched) -> None:
     cpu = sum(r.cpu_s for r in results.values())
-    reporter.write_line("")
-    reporter.write_line(
-        f"paper-geometry jobs: {len(jobs)} distinct, {wall:.0f} s wall on 2 lanes, "
-        f"{cpu:.0f} s CPU in all (wall / CPU per job below)"
+    SUMMARY.append(
+        f"{len(jobs)} distinct jobs, {wall:.0f} s wall on 2 lanes, {cpu:.0f} s CPU in all "
+        "(wall / CPU per job):"
     )
     for job in jobs:
         r = results[job.key]
         state = "ok" if r.returncode == 0 else (r.reason or f"exit {r.returncode}")
         also = f" (= {', '.join(job.same_as)})" if job.same_as else ""
-        reporter.write_line(f"  {r.wall_s:6.1f} / {r.cpu_s:6.1f} s  {job.key:34s} {state}{also}")
+        SUMMARY.append(f"  {r.wall_s:6.1f} / {r.cpu_s:6.1f} s  {job.key:34s} {state}{also}")
     if switched:
-        reporter.write_line(f"  detectron2 not importable: backend torchvision for {switched}")
+        SUMMARY.append(f"detectron2 not importable: backend torchvision for {', '.join(switched)}")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if SUMMARY:
+        terminalreporter.write_sep("-", "paper-geometry jobs")
+        for line in SUMMARY:
+            terminalreporter.write_line(line)
