@@ -229,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Restarting the same command resumes from <out>/checkpoint.pt.",
         ),
         (
+            "knn",
+            "weighted k-NN accuracy of frozen features",
+            "Classify the validation images by a weighted vote of their k nearest training "
+            "images in the feature space of a pretrain encoder (--init <run>/encoder.pt), as "
+            "DINO's k-NN evaluation.",
+        ),
+        (
             "segment",
             "semantic segmentation (UperNet, ADE20K layout)",
             "Train UperNet on the encoder of a pretrain run (--init <run>/encoder.pt; without "

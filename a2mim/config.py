@@ -1,16 +1,24 @@
-"""Frozen, validated configuration objects loaded from YAML.
+"""Frozen, validated configuration objects loaded from YAML, and the types every stage shares.
 
 Every config type is a frozen dataclass. ``from_dict`` checks the keys (an unknown key is an
-error that lists the valid ones, with a close match when there is one) and the types (``int``,
+error that lists the valid ones, with a close match when there is one), the types (``int``,
 ``float``, ``bool``, ``str``, ``Literal``, ``X | None``, ``tuple[...]``, ``dict[str, ...]`` and
-nested config dataclasses); ``to_dict`` is its inverse, used to save ``resolved_config.yaml``.
+nested config dataclasses) and the ranges of numeric fields declared with :func:`bounded`;
+``to_dict`` is its inverse, used to save ``resolved_config.yaml``. A float field also takes a
+number written as a string (``1e-3``: YAML 1.1, which PyYAML follows, reads it as one).
+
+Shared vocabulary: :class:`RunConfig` holds the run-control keys of every training stage (batch,
+accumulation or global batch, amp, seed, device, checkpoint and log cadence, tracking) and
+:class:`ImageFolderData` the data keys of the ImageFolder stages; the stages' configs extend them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -21,6 +29,149 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric field: ``lo``/``hi`` bounds (None: open), inclusive or not."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def admits(self, value: float) -> bool:
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return not (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
+
+    def __str__(self) -> str:
+        parts = []
+        if self.lo is not None:
+            parts.append(f"{'>' if self.lo_open else '>='} {self.lo:g}")
+        if self.hi is not None:
+            parts.append(f"{'<' if self.hi_open else '<='} {self.hi:g}")
+        return " and ".join(parts)
+
+
+def bounded(
+    default: Any = dataclasses.MISSING,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A dataclass field whose numeric value (each item of a tuple; None passes) must lie in
+    the given bounds; ``from_dict`` refuses others with the key, the value and the range."""
+    rng = Range(
+        lo=gt if gt is not None else ge,
+        hi=lt if lt is not None else le,
+        lo_open=gt is not None,
+        hi_open=lt is not None,
+    )
+    return field(default=default, metadata={"range": rng})
+
+
+def check_range(value: Any, rng: Range, where: str) -> None:
+    """A ``ConfigError`` naming ``where``, ``value`` and ``rng`` unless every number is in it."""
+    items = value if isinstance(value, tuple) else (value,)
+    for item in items:
+        if isinstance(item, int | float) and not isinstance(item, bool) and not rng.admits(item):
+            raise ConfigError(
+                f"{where}: {value!r} is out of range; allowed: {rng}"
+                + (" (or null)" if value is None else "")
+            )
+
+
+def check_ranges(obj: Any, ranges: dict[str, Range], where: str) -> None:
+    """:func:`check_range` for fields of a config object declared without :func:`bounded`."""
+    for name, rng in ranges.items():
+        check_range(getattr(obj, name), rng, f"{where}.{name}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The run-control keys every training stage shares (top-level keys of its YAML).
+
+    ``batch_size`` is per process and micro-step; an optimizer step takes ``accum_steps``
+    micro-batches, or, with ``global_batch`` set, ``global_batch / (processes x batch_size)``
+    of them (the lr scaling then uses ``global_batch``; it must divide). ``tags`` are extra
+    MLflow tags; ``progress``, ``track``, ``tracking_uri`` and ``tags`` do not change results
+    (they are not hashed)."""
+
+    scale: Literal["tiny", "small", "paper"] = "paper"
+    batch_size: int = bounded(64, ge=1)  # per process and micro-step
+    accum_steps: int = bounded(1, ge=1)
+    global_batch: int | None = bounded(None, ge=1)
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    seed: int = bounded(0, ge=0)
+    deterministic: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    ckpt_every_steps: int = bounded(500, ge=1)
+    log_every_steps: int = bounded(10, ge=1)
+    progress: bool = True
+    track: bool = True  # MLflow (a2mim.tracking); rank 0 only
+    tracking_uri: str | None = None  # default: sqlite under the results folder, or env
+    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (not hashed)
+
+
+@dataclass(frozen=True)
+class TransferRunConfig(RunConfig):
+    """The run-control keys of a stage that starts from a checkpoint: ``init`` is the
+    ``encoder.pt`` of a pretrain run or the ``model.pt`` of a finetune run (a supervised
+    encoder); null trains from scratch (linprobe, knn: random features)."""
+
+    init: str | None = None
+
+
+@dataclass(frozen=True)
+class OptimBase:
+    """The optimiser keys every stage shares. ``lr = base_lr * global_batch / lr_batch_divisor``
+    (linear scaling, computed once by :meth:`scaled_lr` and saved with the run)."""
+
+    base_lr: float = bounded(1e-3, gt=0)
+    lr_batch_divisor: int = bounded(256, ge=1)
+    weight_decay: float = bounded(0.0, ge=0)
+    grad_clip: float | None = bounded(None, gt=0)
+
+    def scaled_lr(self, global_batch: int) -> float:
+        return self.base_lr * global_batch / self.lr_batch_divisor
+
+
+@dataclass(frozen=True)
+class EpochWarmupCosine(OptimBase):
+    """An epoch-based schedule: linear warm-up from ``warmup_lr`` over ``warmup_epochs``, then
+    per-iteration cosine to ``min_lr``."""
+
+    warmup_epochs: float = bounded(0.0, ge=0)
+    warmup_lr: float = bounded(0.0, ge=0)
+    min_lr: float = bounded(0.0, ge=0)
+
+
+@dataclass(frozen=True)
+class ImageFolderData:
+    """An ImageFolder dataset (``root/split/<class>/<image>``), its validation split, whether
+    unreadable images are skipped (both splits) and the loader workers."""
+
+    root: str = "data/imagenet"
+    split: str = "train"
+    val_split: str = "val"
+    skip_corrupt: bool = False
+    num_workers: int = bounded(0, ge=0)
+
+    @property
+    def on_corrupt(self) -> Literal["skip", "error"]:
+        return "skip" if self.skip_corrupt else "error"
+
+
+@dataclass(frozen=True)
+class CropFlipData(ImageFolderData):
+    """An ImageFolder dataset trained on random-resized crops (``crop_scale``: the area
+    fraction range) with an optional horizontal flip."""
+
+    crop_scale: tuple[float, float] = bounded((0.08, 1.0), gt=0, le=1)
+    hflip: bool = True
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
@@ -44,6 +195,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
     for name, f in fields.items():
         if name in data:
             kwargs[name] = _coerce(hints[name], data[name], f"{where}.{name}")
+            if "range" in f.metadata:
+                check_range(kwargs[name], f.metadata["range"], f"{where}.{name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: missing required key {name!r}")
     try:
@@ -136,6 +289,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -146,8 +301,26 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported config type {_type_name(tp)}")
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-__all__ = ["ConfigError", "from_dict", "load_yaml", "to_dict"]
+__all__ = [
+    "ConfigError",
+    "CropFlipData",
+    "EpochWarmupCosine",
+    "ImageFolderData",
+    "OptimBase",
+    "Range",
+    "RunConfig",
+    "TransferRunConfig",
+    "bounded",
+    "check_range",
+    "check_ranges",
+    "from_dict",
+    "load_yaml",
+    "to_dict",
+]

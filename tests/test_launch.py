@@ -131,11 +131,11 @@ def test_job_killed_without_result_is_resubmitted_and_resumes(fmnist, tmp_path):
 
 
 def test_a_run_folder_has_one_live_writer(tmp_path):
-    from a2mim.stages.rundir import RunInUseError, lock_run
+    from a2mim.train.rundir import RunInUseError, lock_run
 
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; from a2mim.stages.rundir import lock_run; "
+         "import sys, time; from pathlib import Path; from a2mim.train.rundir import lock_run; "
          f"lock_run(Path({str(tmp_path)!r})); print('locked', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

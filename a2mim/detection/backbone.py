@@ -2,7 +2,7 @@
 feature maps Mask R-CNN reads.
 
 - `create_encoder`: the timm model of a `DetectorSpec` (random init), the pretrain
-  ``encoder.pt`` loaded strictly (``a2mim.train.classify.load_encoder``), then its BatchNorms
+  ``encoder.pt`` loaded strictly (``a2mim.train.encoder.load_encoder``), then its BatchNorms
   converted as ``spec.norm`` says (after loading: frozen BN has no ``num_batches_tracked``).
 - `StagedBody`: a hierarchical encoder (ResNet, ConvNeXt, ... any ``StagedAdapter`` family) as
   named maps ``res2`` .. ``res5`` (channels and strides from the adapter, i.e. timm's
@@ -32,7 +32,7 @@ from a2mim.backbones import adapt
 from a2mim.backbones.base import PointSpec, StagedAdapter
 from a2mim.config import ConfigError
 from a2mim.detection.spec import DetectorSpec
-from a2mim.train.classify import create_classifier, load_encoder
+from a2mim.train.encoder import create_classifier, load_encoder
 
 __all__ = [
     "RelativePositionBias",

@@ -36,7 +36,7 @@ from transformers import UperNetConfig
 from transformers.models.upernet.modeling_upernet import UperNetFCNHead, UperNetHead
 
 from a2mim.train import checkpoint
-from a2mim.train.classify import create_classifier, load_encoder
+from a2mim.train.encoder import create_classifier, load_encoder
 
 __all__ = [
     "SimplePyramid",

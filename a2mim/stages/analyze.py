@@ -55,7 +55,6 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -79,11 +78,12 @@ from a2mim.config import ConfigError, from_dict
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import eval_transform
 from a2mim.mim import MaskedImageModel, MIMConfig
-from a2mim.stages.rundir import config_hash, open_run
 from a2mim.tracking import RUN_ID_FILE
 from a2mim.train import checkpoint
-from a2mim.train.classify import create_classifier, file_sha256, load_classifier
+from a2mim.train.classify import load_classifier
 from a2mim.train.distributed import resolve_device
+from a2mim.train.encoder import create_classifier, file_sha256
+from a2mim.train.rundir import config_hash, open_run, read_run
 from a2mim.train.sampling import mix_seed
 
 __all__ = [
@@ -391,36 +391,35 @@ def inspect_run(label: str, path_text: str, figure: str, crop_pct: float | None)
         raise FileNotFoundError(f"{where}: no such run folder; {figure} takes {_need(figure)}")
     if not path.is_dir():
         raise ConfigError(f"{where}: is a file; pass the run folder that holds it ({path.parent})")
-    resolved = path / "resolved_config.yaml"
-    if not resolved.is_file():
+    if not (path / "resolved_config.yaml").is_file():
         raise ConfigError(
             f"{where}: not a run folder of an a2mim stage (no resolved_config.yaml); "
             f"{figure} takes {_need(figure)}"
         )
-    record = yaml.safe_load(resolved.read_text()) or {}
-    stage = record.get("stage", "unknown")
+    record = read_run(path)
+    stage = record.stage
     if stage not in _ACCEPTED[figure]:
         hint = ""
         if stage == "pretrain" and figure == "figure1":
             hint = f"; fine-tune it first: a2mim finetune --config ... --init {path}/encoder.pt"
         raise ConfigError(f"{where}: is a {stage} run; {figure} takes {_need(figure)}{hint}")
-    if stage == "pretrain":
-        weights = path / ("checkpoint.pt" if figure == "figure5" else "encoder.pt")
-    else:
-        weights = path / "model.pt"
-    if not weights.is_file() or not (path / "metrics.json").is_file():
+    weights = record.weights
+    if stage == "pretrain" and figure == "figure5":
+        weights = path / "checkpoint.pt"
+    if not weights.is_file() or not record.finished:
         raise ConfigError(
             f"{where}: the {stage} run has not finished ({weights.name} or metrics.json is "
             "missing); finish it (the same command resumes it) and analyse it then"
         )
+    preset = record.preset
     if stage == "pretrain":
-        mim = record["derived"]["mim"]
+        mim = record.derived["mim"]
         return RunInfo(
             label=label,
             path=str(path),
             stage=stage,
-            method=record["model"]["preset"].split("_")[0],
-            preset=record["model"]["preset"],
+            method=preset.split("_")[0],
+            preset=preset,
             backbone=mim["backbone"],
             backbone_kwargs=dict(mim["backbone_kwargs"]),
             img_size=int(mim["img_size"]),
@@ -432,8 +431,6 @@ def inspect_run(label: str, path_text: str, figure: str, crop_pct: float | None)
             sha256=file_sha256(weights),
         )
     meta = checkpoint.load(weights)["meta"]
-    init = record.get("derived", {}).get("init")
-    preset = init["meta"].get("preset") if init else None
     return RunInfo(
         label=label,
         path=str(path),
@@ -507,8 +504,8 @@ def build_encoder(info: RunInfo, seed: int) -> nn.Module:
 def build_mim_model(info: RunInfo) -> MaskedImageModel:
     """The full masked image model of a pretrain run (encoder, mask token, decoder) as it was
     at the run's end, from its resolved ``MIMConfig`` and ``checkpoint.pt``."""
-    record = yaml.safe_load((Path(info.path) / "resolved_config.yaml").read_text())
-    mim_cfg = from_dict(MIMConfig, record["derived"]["mim"], f"{info.path}: derived.mim")
+    mim = read_run(info.path).derived["mim"]
+    mim_cfg = from_dict(MIMConfig, mim, f"{info.path}: derived.mim")
     model = MaskedImageModel(mim_cfg)
     model.load_state_dict(checkpoint.load(info.weights)["model"], strict=True)
     return model.eval()
@@ -885,10 +882,9 @@ def _csv_text(rows: Sequence[Row]) -> str:
 def _forget_other_analysis(out: Path, derived: dict[str, Any]) -> None:
     """A folder that held an analysis of another config or other checkpoints gets a new MLflow
     run (the old run keeps its record); the same analysis again continues its run."""
-    resolved = out / "resolved_config.yaml"
-    if not resolved.is_file():
+    if not (out / "resolved_config.yaml").is_file():
         return
-    old = (yaml.safe_load(resolved.read_text()) or {}).get("derived", {})
+    old = read_run(out).derived
     same = old.get("config_hash") == derived["config_hash"] and old.get("models") == json.loads(
         json.dumps(derived["models"])
     )

@@ -40,8 +40,6 @@ import bisect
 import contextlib
 import dataclasses
 import io
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,18 +49,27 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from a2mim import atomic
-from a2mim.config import ConfigError, from_dict, to_dict
+from a2mim.config import (
+    ConfigError,
+    OptimBase,
+    Range,
+    TransferRunConfig,
+    bounded,
+    check_ranges,
+    from_dict,
+    to_dict,
+)
 from a2mim.data.coco import CocoInstances, coco_evaluate, drop_crowd
 from a2mim.detection import DetectorSpec, Input, build_detector, resolve_backend
 from a2mim.detection.backbone import vit_layer_id
-from a2mim.stages.rundir import config_hash, init_tags, open_run, require_init
-from a2mim.train import checkpoint, steplog
-from a2mim.train.classify import check_backbone, tracked_derived
-from a2mim.train.distributed import broadcast_buffers, resolve_device, world_info
-from a2mim.train.sampling import EpochSampler, mix_seed
+from a2mim.train import checkpoint, engine
+from a2mim.train.classify import tracked_derived
+from a2mim.train.distributed import broadcast_buffers, world_info
+from a2mim.train.encoder import check_backbone
+from a2mim.train.rundir import init_tags, require_init
+from a2mim.train.sampling import mix_seed
 
 __all__ = [
     "DataConfig",
@@ -92,60 +99,82 @@ class DataConfig:
     train_images: str = "train2017"
     val_ann: str = "annotations/instances_val2017.json"
     val_images: str = "val2017"
-    hflip: float = 0.5
+    hflip: float = bounded(0.5, ge=0, le=1)
     filter_empty: bool = True
-    val_limit: int | None = None
-    eval_batch_size: int = 1
-    num_workers: int = 0
+    val_limit: int | None = bounded(None, ge=1)
+    eval_batch_size: int = bounded(1, ge=1)
+    num_workers: int = bounded(0, ge=0)
 
 
 @dataclass(frozen=True)
-class SolverConfig:
+class SolverConfig(OptimBase):
     """detectron2's solver (``SOLVER.*``): iterations, not epochs. ``layer_decay`` (ViT only)
     scales block ``i``'s lr by ``layer_decay ** (depth - i)`` (ViTDet / BEiT)."""
 
     opt: Literal["sgd", "adamw"] = "sgd"
-    base_lr: float = 0.02
-    lr_batch_divisor: int = 16
-    momentum: float = 0.9
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 1e-4
-    weight_decay_norm: float = 0.0
-    layer_decay: float | None = None
-    max_iter: int = 90000
-    steps: tuple[int, ...] = (60000, 80000)
-    gamma: float = 0.1
-    warmup_iters: int = 1000
-    warmup_factor: float = 0.001
-    grad_clip: float | None = None
+    base_lr: float = bounded(0.02, gt=0)
+    lr_batch_divisor: int = bounded(16, ge=1)
+    momentum: float = bounded(0.9, ge=0, le=1)
+    betas: tuple[float, float] = bounded((0.9, 0.999), ge=0, lt=1)
+    weight_decay: float = bounded(1e-4, ge=0)
+    weight_decay_norm: float = bounded(0.0, ge=0)
+    layer_decay: float | None = bounded(None, gt=0, le=1)
+    max_iter: int = bounded(90000, ge=0)
+    steps: tuple[int, ...] = bounded((60000, 80000), ge=1)
+    gamma: float = bounded(0.1, gt=0)
+    warmup_iters: int = bounded(1000, ge=0)
+    warmup_factor: float = bounded(0.001, ge=0, le=1)
 
 
 @dataclass(frozen=True)
-class DetectConfig:
+class DetectConfig(TransferRunConfig):
     model: DetectorSpec = field(default_factory=DetectorSpec)
     input: Input = field(default_factory=Input)
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     backend: Literal["auto", "torchvision", "detectron2"] = "auto"
-    scale: Literal["tiny", "small", "paper"] = "paper"
-    init: str | None = None  # pretrain encoder.pt / finetune model.pt; null: from scratch
-    batch_size: int = 16  # images per process and step
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    seed: int = 0
-    deterministic: bool = True
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    eval_every_steps: int | None = None  # null: evaluate at the end only
-    ckpt_every_steps: int = 1000
-    log_every_steps: int = 20
-    progress: bool = True
-    track: bool = True  # MLflow (a2mim.tracking); rank 0 only
-    tracking_uri: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (not hashed)
+    batch_size: int = bounded(16, ge=1)  # images per process and micro-step
+    eval_every_steps: int | None = bounded(None, ge=1)  # null: evaluate at the end only
+    ckpt_every_steps: int = bounded(1000, ge=1)
+    log_every_steps: int = bounded(20, ge=1)
+
+
+_ONE_UP, _FRACTION = Range(lo=1), Range(lo=0, hi=1)
+SPEC_RANGES = {  # the numeric fields of a2mim.detection's DetectorSpec and Input
+    "model": {
+        "img_size": _ONE_UP,
+        "drop_path_rate": Range(lo=0, hi=1, hi_open=True),
+        "window_size": _ONE_UP,
+        "global_blocks": Range(lo=0),
+        "fpn_channels": _ONE_UP,
+        "anchor_sizes": Range(lo=0, lo_open=True),
+        "aspect_ratios": Range(lo=0, lo_open=True),
+        "rpn_batch_per_image": _ONE_UP,
+        "rpn_pre_nms_topk_train": _ONE_UP,
+        "rpn_post_nms_topk_train": _ONE_UP,
+        "rpn_pre_nms_topk_test": _ONE_UP,
+        "rpn_post_nms_topk_test": _ONE_UP,
+        "roi_batch_per_image": _ONE_UP,
+        "box_fc_dim": _ONE_UP,
+        "mask_conv_dim": _ONE_UP,
+        "mask_num_conv": _ONE_UP,
+        "score_thresh": _FRACTION,
+        "detections_per_image": _ONE_UP,
+    },
+    "input": {
+        "min_size_train": _ONE_UP,
+        "max_size_train": _ONE_UP,
+        "min_size_test": _ONE_UP,
+        "max_size_test": _ONE_UP,
+    },
+}
 
 
 def load_config(data: dict[str, Any], where: str = "config") -> DetectConfig:
     """Validate a mapping into a ``DetectConfig`` (unknown keys and bad values are errors)."""
     cfg = from_dict(DetectConfig, data, where)
+    for section, ranges in SPEC_RANGES.items():
+        check_ranges(getattr(cfg, section), ranges, f"{where}.{section}")
     spec, solver = cfg.model, cfg.solver
     check_backbone(spec.backbone, where)
     if spec.arch != "c4" and len(spec.anchor_sizes) != 5:
@@ -173,13 +202,6 @@ def load_config(data: dict[str, Any], where: str = "config") -> DetectConfig:
         )
     if list(solver.steps) != sorted(set(solver.steps)) or any(s < 1 for s in solver.steps):
         raise ConfigError(f"{where}: solver.steps must increase and be >= 1, got {solver.steps}")
-    if solver.max_iter < 0 or solver.warmup_iters < 0:
-        raise ConfigError(f"{where}: solver.max_iter and warmup_iters must be >= 0")
-    for name in ("batch_size", "ckpt_every_steps", "log_every_steps"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{where}: {name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.data.val_limit is not None and cfg.data.val_limit < 1:
-        raise ConfigError(f"{where}: data.val_limit must be >= 1 or null")
     return cfg
 
 
@@ -293,7 +315,7 @@ def evaluate_detector(
     was_training = model.training
     model.eval()
     results: list[dict[str, Any]] = []
-    for start in range(0, len(shard), batch_size):
+    for start in engine.interruptible(range(0, len(shard), batch_size)):
         idx = shard[start : start + batch_size]
         images = [dataset.load_image(dataset.ids[i]).to(device) for i in idx]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -378,9 +400,23 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=solver.betas)
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float, factor: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"] * factor
+class WarmupMultiStep:
+    """`lr_factor` as a per-iteration schedule: ``step_update(t)`` sets each group's lr to
+    ``lr * lr_scale * lr_factor(t)``. A function of the step, so it has no state to save."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, solver: SolverConfig):
+        self.optimizer, self.lr, self.solver = optimizer, lr, solver
+
+    def step_update(self, step: int) -> None:
+        factor = lr_factor(step, self.solver)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * group["lr_scale"] * factor
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 # ----------------------------------------------------------------------------- run
@@ -406,237 +442,140 @@ def _open_datasets(cfg: DetectConfig) -> tuple[CocoInstances, CocoInstances]:
     return train, val
 
 
-def run(
-    cfg: DetectConfig, out_dir: str | Path, stop_after_steps: int | None = None
-) -> dict[str, Any]:
-    """Train (or resume) and evaluate into ``out_dir``; returns the final metrics.
+class DetectTask(engine.Task):
+    """Mask R-CNN: the detector returns its losses; detectron2's solver (`WarmupMultiStep`);
+    COCOeval every ``eval_every_steps`` and at the end."""
 
-    ``stop_after_steps`` (tests) returns right after that many steps, with nothing written
-    beyond the periodic checkpoints, as if the process had been killed there.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rank, world = world_info()
-    backend = resolve_backend(cfg.backend)
-    device = resolve_device(cfg.device)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
-        torch.backends.cudnn.benchmark = False
-    require_init(cfg.init)
-    train_set, val_set = _open_datasets(cfg)
-    train_idx = trainable_indices(train_set, cfg.data.filter_empty)
-    global_batch = cfg.batch_size * world
-    steps_per_epoch = len(train_idx) // global_batch
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"{cfg.data.root}/{cfg.data.train_ann} has {len(train_idx)} trainable images, fewer "
-            f"than one global batch of {global_batch} (batch_size x processes): lower batch_size"
-        )
-    solver = cfg.solver
-    total_steps = solver.max_iter
-    lr = solver.base_lr * global_batch / solver.lr_batch_divisor
-
-    torch.manual_seed(cfg.seed)
-    model = build_detector(
-        backend, cfg.model, cfg.input, len(train_set.cat_ids), cfg.init, world_size=world
+    stage = "detect"
+    loss_format = ".3f"
+    nonfinite_hint = (
+        "lower solver.base_lr, lengthen the warm-up, or use norm: bn when training from scratch"
     )
-    model.to(device)
-    vit_depth = _vit_depth(model)
-    optimizer = build_optimizer(model, solver, lr, vit_depth)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    train_model: nn.Module = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
 
-    init_report = model.init_report
-    derived = {
-        "backend": backend,
-        "global_batch": global_batch,
-        "lr": lr,
-        "steps_per_epoch": steps_per_epoch,
-        "epochs": total_steps / steps_per_epoch,
-        "world_size": world,
-        "num_images": len(train_set),
-        "num_train_images": len(train_idx),
-        "num_val_images": len(val_set)
-        if cfg.data.val_limit is None
-        else min(cfg.data.val_limit, len(val_set)),
-        "num_classes": len(train_set.cat_ids),
-        "classes": list(train_set.class_names),
-        "num_params": sum(p.numel() for p in model.parameters()),  # shared C4 res5 once
-        "init": init_report,
+    def prepare(self, accum_steps: int) -> engine.Steps:
+        cfg = self.cfg
+        self.backend = resolve_backend(cfg.backend)
+        require_init(cfg.init)
+        self.train_set, self.val_set = _open_datasets(cfg)
+        self.train_idx = trainable_indices(self.train_set, cfg.data.filter_empty)
+        global_batch = cfg.batch_size * self.ctx.world * accum_steps
+        what = f"{cfg.data.root}/{cfg.data.train_ann} (trainable images)"
+        per_epoch = engine.epoch_steps(len(self.train_idx), global_batch, what)
+        self.flipped = FlippedInstances(self.train_set, self.train_idx, cfg.data.hflip, cfg.seed)
+        return engine.Steps(cfg.solver.max_iter, global_batch, accum_steps, per_epoch)
+
+    def build(self) -> None:
+        cfg, solver = self.cfg, self.cfg.solver
+        self.lr = solver.scaled_lr(self.steps.global_batch)
+        num_classes = len(self.train_set.cat_ids)
+        model = build_detector(
+            self.backend, cfg.model, cfg.input, num_classes, cfg.init, world_size=self.ctx.world
+        )
+        self.model = model.to(self.ctx.device)
+        self.optimizer = build_optimizer(self.model, solver, self.lr, _vit_depth(self.model))
+        self.scheduler = WarmupMultiStep(self.optimizer, self.lr, solver)
+
+    def derived(self) -> dict[str, Any]:
+        val_limit = self.cfg.data.val_limit
+        n_val = len(self.val_set)
+        return {
+            "backend": self.backend,
+            "epochs": self.steps.total / self.steps.per_epoch,
+            "num_images": len(self.train_set),
+            "num_train_images": len(self.train_idx),
+            "num_val_images": n_val if val_limit is None else min(val_limit, n_val),
+            "num_classes": len(self.train_set.cat_ids),
+            "classes": list(self.train_set.class_names),
+            "num_params": sum(p.numel() for p in self.model.parameters()),  # shared res5 once
+            "init": self.model.init_report,
+        }
+
+    def hashed_config(self) -> DetectConfig:
         # the hash covers the resolved backend: "auto" must not resume under another library
-        "config_hash": config_hash(dataclasses.replace(cfg, backend=backend)),
-    }
-    state, tracker = open_run(
-        "detect",
-        cfg,
-        out,
-        derived,
-        tags={**init_tags(cfg.model.backbone, init_report), "backend": backend},
-        rank=rank,
-        tracked=tracked_derived(derived),
-    )
-    ckpt_path = out / "checkpoint.pt"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    with tracker:
-        if rank == 0:
-            tracker.log_artifact(out / "resolved_config.yaml")
-        step = 0
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            step = int(state["step"])
-            steplog.truncate(out / "metrics.jsonl", step)
-        flipped = FlippedInstances(train_set, train_idx, cfg.data.hflip, cfg.seed)
-        log = steplog.TrainLog.of_stage(
-            cfg, out, tracker, total_steps, step, rank, "detect", loss_format=".3f"
+        return dataclasses.replace(self.cfg, backend=self.backend)
+
+    def tags(self) -> dict[str, str]:
+        return {
+            **init_tags(self.cfg.model.backbone, self.model.init_report),
+            "backend": self.backend,
+        }
+
+    def tracked(self, derived: dict[str, Any]) -> dict[str, Any]:
+        return tracked_derived(derived)
+
+    def batches(self, step: int):
+        return self.epoch_batches(step, self.flipped, len(self.train_idx), collate_fn=_collate)
+
+    def step_seed(self, step: int) -> int:
+        return mix_seed(self.cfg.seed, 1, step, self.ctx.rank)  # resize, RPN/RoI sampling
+
+    def loss(self, train_model, batch, step, micro):
+        device = self.ctx.device
+        images, targets = batch
+        images = [img.to(device, non_blocking=True) for img in images]
+        targets = [{k: _to(v, device) for k, v in t.items()} for t in targets]
+        with self.ctx.autocast():
+            losses = train_model(images, targets)
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        parts = {"loss": sum(values.values()), **values}
+        return sum(losses.values()), {
+            k: torch.tensor(v, dtype=torch.float64) for k, v in parts.items()
+        }
+
+    @property
+    def grad_clip(self) -> float | None:
+        return self.cfg.solver.grad_clip
+
+    def clip_parameters(self):
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def logged_lr(self, step: int) -> float:
+        return self.lr * lr_factor(step, self.cfg.solver)
+
+    def progress(self, done: int) -> dict[str, float]:
+        return {"epoch": done / self.steps.per_epoch}
+
+    def eval_due(self, done: int) -> bool:
+        every = self.cfg.eval_every_steps
+        return bool(every) and done % every == 0
+
+    def evaluate(self, done: int) -> dict[str, float]:
+        broadcast_buffers(self.model)  # every rank evaluates with rank 0's BatchNorm statistics
+        cfg = self.cfg
+        return evaluate_detector(
+            self.model,
+            self.val_set,
+            self.ctx.device,
+            cfg.data.eval_batch_size,
+            cfg.data.val_limit,
+            self.ctx.amp_dtype,
         )
-        last_eval: dict[str, float] | None = None
 
-        def save(step_done: int) -> None:
-            if rank != 0:
-                return
-            tracker.flush()  # the metrics up to this step reach the store before the checkpoint
-            ckpt = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": step_done,
-                "config_hash": derived["config_hash"],
-            }
-            checkpoint.atomic_save(ckpt, ckpt_path)
-
-        def run_eval(step_done: int) -> dict[str, float]:
-            broadcast_buffers(model)  # every rank evaluates with rank 0's BatchNorm statistics
-            row = evaluate_detector(
-                model,
-                val_set,
-                device,
-                cfg.data.eval_batch_size,
-                cfg.data.val_limit,
-                amp_dtype,
-            )
-            log.record(step_done, row)
-            return row
-
-        while step < total_steps:
-            epoch, pos = divmod(step, steps_per_epoch)
-            sampler = EpochSampler(
-                len(train_idx),
-                cfg.seed,
-                epoch,
-                start=pos * cfg.batch_size,
-                rank=rank,
-                world_size=world,
-                usable=steps_per_epoch * global_batch,
-            )
-            loader = DataLoader(
-                flipped,
-                batch_size=cfg.batch_size,
-                sampler=sampler,
-                num_workers=cfg.data.num_workers,
-                collate_fn=_collate,
-                drop_last=True,
-            )
-            batches = iter(loader)
-            epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
-            for step in range(step, epoch_end):  # noqa: B020
-                model.train()
-                _set_lr(optimizer, lr, lr_factor(step, solver))
-                torch.manual_seed(mix_seed(cfg.seed, 1, step, rank))  # resize, RPN/RoI sampling
-                images, targets = next(batches)
-                losses = _train_step(
-                    train_model, optimizer, scaler, images, targets, device, amp_dtype, solver
-                )
-                loss_value = sum(losses.values())
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(
-                        f"non-finite loss {loss_value} at step {step} ({losses}); lower "
-                        f"solver.base_lr, lengthen the warm-up, or use norm: bn when training "
-                        f"from scratch"
-                    )
-                done = step + 1
-                row = {
-                    "loss": loss_value,
-                    **losses,
-                    "lr": lr * lr_factor(step, solver),
-                    "epoch": done / steps_per_epoch,
-                }
-                log.step(done, global_batch, row)
-                evaluates = cfg.eval_every_steps and done % cfg.eval_every_steps == 0
-                if evaluates and done < total_steps:
-                    last_eval = run_eval(done)
-                if done % cfg.ckpt_every_steps == 0 and done < total_steps:
-                    save(done)
-                if stop_after_steps is not None and done >= stop_after_steps:
-                    log.close()
-                    tracker.close("KILLED")  # interrupted; a restart sets the run RUNNING again
-                    return {"stopped_at_step": float(done)}
-            step = epoch_end
-        log.close()
-
-        last_eval = run_eval(total_steps)
-        save(total_steps)
+    def final_metrics(self, last_eval, last_log) -> dict[str, Any]:
         metrics: dict[str, Any] = {k: v for k, v in last_eval.items() if k != "detections"}
-        if log.last:
-            metrics["final_loss"] = log.last["loss"]
-        metrics["backend"] = backend
-        if rank == 0:
-            meta = {
-                "stage": "detect",
-                "backend": backend,
-                "model": to_dict(cfg.model),
-                "input": to_dict(cfg.input),
-                "num_classes": len(train_set.cat_ids),
-                "classes": list(train_set.class_names),
-                "cat_ids": list(train_set.cat_ids),
-                "init": cfg.init,
-                "init_sha256": None if init_report is None else init_report["sha256"],
-                "config_hash": derived["config_hash"],
-                "steps": total_steps,
-            }
-            checkpoint.atomic_save(
-                {"state_dict": model.state_dict(), "meta": meta}, out / "model.pt"
-            )
-            atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-            tracker.log_artifact(out / "metrics.json")
+        if last_log:
+            metrics["final_loss"] = last_log["loss"]
+        metrics["backend"] = self.backend
         return metrics
 
-
-def _train_step(
-    train_model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    images: list[torch.Tensor],
-    targets: list[Target],
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    solver: SolverConfig,
-) -> dict[str, float]:
-    """One optimisation step on a batch; returns the detector's losses. A non-finite total
-    skips the update (the caller stops the run)."""
-    images = [img.to(device, non_blocking=True) for img in images]
-    targets = [{k: _to(v, device) for k, v in t.items()} for t in targets]
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        losses = train_model(images, targets)
-    loss = sum(losses.values())
-    values = {k: float(v.detach()) for k, v in losses.items()}
-    if not math.isfinite(float(loss.detach())):
-        optimizer.zero_grad(set_to_none=True)
-        return values
-    scaler.scale(loss).backward()
-    if solver.grad_clip is not None:
-        scaler.unscale_(optimizer)
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        nn.utils.clip_grad_norm_(params, solver.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return values
+    def write_final(self, metrics: dict[str, Any]) -> list:
+        cfg, init_report = self.cfg, self.model.init_report
+        meta = {
+            "stage": "detect",
+            "backend": self.backend,
+            "model": to_dict(cfg.model),
+            "input": to_dict(cfg.input),
+            "num_classes": len(self.train_set.cat_ids),
+            "classes": list(self.train_set.class_names),
+            "cat_ids": list(self.train_set.cat_ids),
+            "init": cfg.init,
+            "init_sha256": None if init_report is None else init_report["sha256"],
+            "config_hash": self.config_hash,
+            "steps": self.steps.total,
+        }
+        saved = {"state_dict": self.model.state_dict(), "meta": meta}
+        checkpoint.atomic_save(saved, self.ctx.out / "model.pt")
+        return []
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -655,3 +594,6 @@ def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     model = build_detector(resolve_backend(meta["backend"]), spec, inputs, meta["num_classes"])
     model.load_state_dict(saved["state_dict"], strict=True)
     return model.eval(), meta
+
+
+run = engine.stage_runner(DetectTask)

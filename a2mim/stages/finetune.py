@@ -30,10 +30,7 @@ counts, so ``top1`` is over the whole set; rank 0 alone writes.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -45,30 +42,28 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from a2mim import atomic
-from a2mim.config import ConfigError, from_dict
+from a2mim.config import (
+    ConfigError,
+    EpochWarmupCosine,
+    ImageFolderData,
+    TransferRunConfig,
+    bounded,
+    from_dict,
+)
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from a2mim.stages.rundir import config_hash, init_tags, open_run, require_init
-from a2mim.train import checkpoint, steplog
+from a2mim.train import checkpoint, engine
 from a2mim.train.classify import (
     AugmentedDataset,
     AugSampler,
-    check_backbone,
-    create_classifier,
     evaluate,
-    load_encoder,
     rng_scope,
     tracked_derived,
 )
-from a2mim.train.distributed import (
-    broadcast_buffers,
-    mean_over_ranks,
-    rank_seed,
-    resolve_device,
-    world_info,
-)
+from a2mim.train.distributed import broadcast_buffers
+from a2mim.train.encoder import check_backbone, create_classifier, load_encoder
 from a2mim.train.optim import OptimConfig, build_scheduler, check_timm_optim
+from a2mim.train.rundir import init_tags, require_init
 from a2mim.train.sampling import mix_seed
 
 __all__ = [
@@ -96,48 +91,43 @@ class ModelConfig:
 
     backbone: str = "resnet50"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    img_size: int = 224
+    img_size: int = bounded(224, ge=1)
     global_pool: str | None = None
-    drop_path_rate: float = 0.0
-    drop_rate: float = 0.0
-    head_init_std: float | None = None
+    drop_path_rate: float = bounded(0.0, ge=0, lt=1)
+    drop_rate: float = bounded(0.0, ge=0, lt=1)
+    head_init_std: float | None = bounded(None, gt=0)
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(ImageFolderData):
     """ImageFolder splits and timm's training transform (``create_transform`` arguments).
 
     ``repeated_aug`` > 1 repeats each image that many times per epoch with different
     augmentations (RSB A2 / DeiT use 3). Evaluation resizes to ``test_img_size / test_crop_pct``
     (bicubic) and centre-crops ``test_img_size`` (default: ``model.img_size``)."""
 
-    root: str = "data/imagenet"
-    split: str = "train"
-    val_split: str = "val"
-    skip_corrupt: bool = False
-    num_workers: int = 0
-    scale: tuple[float, float] = (0.08, 1.0)
-    hflip: float = 0.5
-    color_jitter: float | None = 0.4
+    scale: tuple[float, float] = bounded((0.08, 1.0), gt=0, le=1)  # crop scale
+    hflip: float = bounded(0.5, ge=0, le=1)
+    color_jitter: float | None = bounded(0.4, ge=0)
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     interpolation: str = "bicubic"
-    reprob: float = 0.0
+    reprob: float = bounded(0.0, ge=0, le=1)
     remode: Literal["const", "rand", "pixel"] = "pixel"
-    recount: int = 1
-    repeated_aug: int = 1
-    test_img_size: int | None = None
-    test_crop_pct: float = 0.875
-    eval_batch_size: int | None = None
+    recount: int = bounded(1, ge=1)
+    repeated_aug: int = bounded(1, ge=1)
+    test_img_size: int | None = bounded(None, ge=1)
+    test_crop_pct: float = bounded(0.875, gt=0, le=1)
+    eval_batch_size: int | None = bounded(None, ge=1)
 
 
 @dataclass(frozen=True)
 class MixupConfig:
     """timm ``Mixup``; off when both alphas are 0. ``mode: batch`` needs an even batch."""
 
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    prob: float = 1.0
-    switch_prob: float = 0.5
+    mixup_alpha: float = bounded(0.0, ge=0)
+    cutmix_alpha: float = bounded(0.0, ge=0)
+    prob: float = bounded(1.0, ge=0, le=1)
+    switch_prob: float = bounded(0.5, ge=0, le=1)
     mode: Literal["batch", "pair", "elem"] = "batch"
 
     @property
@@ -152,56 +142,40 @@ class LossConfig:
     an optional ``bce_target_thresh`` that binarises the (mixed) targets."""
 
     kind: Literal["ce", "bce"] = "ce"
-    smoothing: float = 0.0
-    bce_target_thresh: float | None = None
+    smoothing: float = bounded(0.0, ge=0, lt=1)
+    bce_target_thresh: float | None = bounded(None, ge=0, le=1)
 
 
 @dataclass(frozen=True)
-class FinetuneOptimConfig:
+class FinetuneOptimConfig(EpochWarmupCosine):
     """A timm optimizer (``opt``: lamb, adamw, sgd, ... any ``timm.optim.list_optimizers()``
     name) built by ``create_optimizer_v2`` (no weight decay on biases, norms and the model's
-    ``no_weight_decay()`` set; ``layer_decay`` gives timm's layer-wise lr decay groups).
-    ``lr = base_lr * global_batch / lr_batch_divisor``; warm-up then per-iteration cosine."""
+    ``no_weight_decay()`` set; ``layer_decay`` gives timm's layer-wise lr decay groups);
+    warm-up then per-iteration cosine."""
 
     opt: str = "lamb"
-    base_lr: float = 1e-3
-    lr_batch_divisor: int = 256
-    weight_decay: float = 0.02
-    betas: tuple[float, float] | None = None
-    momentum: float = 0.9
-    layer_decay: float | None = None
-    warmup_epochs: float = 5.0
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-6
-    grad_clip: float | None = None
+    weight_decay: float = bounded(0.02, ge=0)
+    betas: tuple[float, float] | None = bounded(None, ge=0, lt=1)
+    momentum: float = bounded(0.9, ge=0, le=1)
+    layer_decay: float | None = bounded(None, gt=0, le=1)
+    warmup_epochs: float = bounded(5.0, ge=0)
+    warmup_lr: float = bounded(1e-6, ge=0)
+    min_lr: float = bounded(1e-6, ge=0)
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(TransferRunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mixup: MixupConfig = field(default_factory=MixupConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
-    scale: Literal["tiny", "small", "paper"] = "paper"
-    init: str | None = None  # pretrain encoder.pt / finetune model.pt; null: from scratch
-    epochs: int = 100
-    batch_size: int = 256  # per process and micro-step
-    accum_steps: int = 1
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    epochs: int = bounded(100, ge=1)
+    batch_size: int = bounded(256, ge=1)  # per process and micro-step
     channels_last: bool = False
-    ema_decay: float | None = None
+    ema_decay: float | None = bounded(None, gt=0, lt=1)
     ema_warmup: bool = False
-    seed: int = 0
-    deterministic: bool = True
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    eval_every_epochs: int = 1
-    ckpt_every_steps: int = 500
-    log_every_steps: int = 10
-    progress: bool = True
-    track: bool = True  # MLflow (a2mim.tracking); rank 0 only
-    tracking_uri: str | None = None  # default: sqlite under the results folder, or env
-    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (not hashed)
+    eval_every_epochs: int = bounded(1, ge=1)
 
 
 def load_config(data: dict[str, Any], where: str = "config") -> FinetuneConfig:
@@ -211,13 +185,6 @@ def load_config(data: dict[str, Any], where: str = "config") -> FinetuneConfig:
     check_timm_optim(cfg.optim.opt, cfg.optim.layer_decay, where)
     if cfg.mixup.active and cfg.mixup.mode == "batch" and cfg.batch_size % 2:
         raise ConfigError(f"{where}: Mixup/CutMix in batch mode needs an even batch_size")
-    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
-        raise ConfigError(f"{where}: ema_decay must be in (0, 1) or null, got {cfg.ema_decay}")
-    for name in ("epochs", "batch_size", "accum_steps", "ckpt_every_steps", "log_every_steps"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{where}: {name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.data.repeated_aug < 1 or cfg.eval_every_epochs < 1:
-        raise ConfigError(f"{where}: data.repeated_aug and eval_every_epochs must be >= 1")
     return cfg
 
 
@@ -313,265 +280,215 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
     return ImageOps.posterize(img, bits_to_keep)
 
 
-def run(
-    cfg: FinetuneConfig, out_dir: str | Path, stop_after_steps: int | None = None
-) -> dict[str, float]:
-    """Fine-tune (or resume) into ``out_dir``; returns the final metrics.
-
-    ``stop_after_steps`` (tests) returns right after that many optimizer steps, with nothing
-    written beyond the periodic checkpoints, as if the process had been killed there.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rank, world = world_info()
-    device = resolve_device(cfg.device)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
-        torch.backends.cudnn.benchmark = False
-
-    require_init(cfg.init)
-    on_corrupt = "skip" if cfg.data.skip_corrupt else "error"
-    train_set = ImageFolderDataset(cfg.data.root, cfg.data.split, on_corrupt=on_corrupt)
-    test_size = cfg.data.test_img_size or cfg.model.img_size
+def open_splits(cfg, test_size: int) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+    """The training split and the validation split (resized to ``test_size``) of an ImageFolder
+    classification stage; an error when their classes differ."""
+    d = cfg.data
+    train_set = ImageFolderDataset(d.root, d.split, on_corrupt=d.on_corrupt)
     val_set = ImageFolderDataset(
-        cfg.data.root,
-        cfg.data.val_split,
-        transform=eval_transform(test_size, cfg.data.test_crop_pct),
-        on_corrupt=on_corrupt,
+        d.root,
+        d.val_split,
+        transform=eval_transform(test_size, d.test_crop_pct),
+        on_corrupt=d.on_corrupt,
     )
     if val_set.classes != train_set.classes:
         raise ValueError(
-            f"{cfg.data.root}: the classes of {cfg.data.split} ({len(train_set.classes)}) and "
-            f"{cfg.data.val_split} ({len(val_set.classes)}) differ; both splits need the same "
+            f"{d.root}: the classes of {d.split} ({len(train_set.classes)}) and "
+            f"{d.val_split} ({len(val_set.classes)}) differ; both splits need the same "
             f"class folders"
         )
-    num_classes = len(train_set.classes)
-    global_batch = cfg.batch_size * world * cfg.accum_steps
-    steps_per_epoch = len(train_set) // global_batch
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"{cfg.data.root}/{cfg.data.split} has {len(train_set)} images, fewer than one "
-            f"global batch of {global_batch} (batch_size x accum_steps x processes): lower "
-            f"batch_size"
+    return train_set, val_set
+
+
+class ClassifyTask(engine.Task):
+    """What fine-tuning and the linear probe share: ImageFolder splits, epochs of an
+    `AugSampler` order, top-1/top-5 evaluation every ``eval_every_epochs`` epochs."""
+
+    repeats = 1
+
+    def test_size(self) -> int:
+        return self.cfg.model.img_size
+
+    def prepare(self, accum_steps: int) -> engine.Steps:
+        cfg = self.cfg
+        require_init(cfg.init)
+        self.train_set, self.val_set = open_splits(cfg, self.test_size())
+        self.num_classes = len(self.train_set.classes)
+        global_batch = cfg.batch_size * self.ctx.world * accum_steps
+        what = f"{cfg.data.root}/{cfg.data.split}"
+        per_epoch = engine.epoch_steps(len(self.train_set), global_batch, what)
+        rank, world = self.ctx.rank, self.ctx.world
+        self.val_loader = DataLoader(
+            Subset(self.val_set, range(rank, len(self.val_set), world)),
+            batch_size=cfg.data.eval_batch_size or cfg.batch_size,
+            num_workers=cfg.data.num_workers,
         )
-    total_steps = cfg.epochs * steps_per_epoch
-    lr = cfg.optim.base_lr * global_batch / cfg.optim.lr_batch_divisor
+        return engine.Steps(cfg.epochs * per_epoch, global_batch, accum_steps, per_epoch)
 
-    torch.manual_seed(cfg.seed)
-    model, init_report = build_model(cfg, num_classes)
-    model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optim, lr)
-    sched_cfg = OptimConfig(
-        warmup_epochs=cfg.optim.warmup_epochs,
-        warmup_lr=cfg.optim.warmup_lr,
-        min_lr=cfg.optim.min_lr,
-        schedule="cosine",
-    )
-    scheduler = build_scheduler(optimizer, sched_cfg, total_steps, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    ema = (
-        ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema_decay else None
-    )
-    train_model: nn.Module = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+    def derived(self) -> dict[str, Any]:
+        return {
+            "num_images": len(self.train_set),
+            "num_val_images": len(self.val_set),
+            "skipped_images": len(self.train_set.skipped) + len(self.val_set.skipped),
+            "num_classes": self.num_classes,
+            "classes": list(self.train_set.classes),
+        }
+
+    def tags(self) -> dict[str, str]:
+        return init_tags(self.cfg.model.backbone, self.init_report)
+
+    def tracked(self, derived: dict[str, Any]) -> dict[str, Any]:
+        return tracked_derived(derived)
+
+    def batches(self, step: int):
+        num = len(self.train_set)
+        return self.epoch_batches(step, self.seeded, num, AugSampler, sampler_repeats=self.repeats)
+
+    def to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        img_bchw, target_b = batch
+        img_bchw, target_b = (
+            img_bchw.to(self.ctx.device, non_blocking=True),
+            target_b.to(self.ctx.device),
         )
+        if self.cfg.channels_last:
+            img_bchw = img_bchw.contiguous(memory_format=torch.channels_last)
+        return img_bchw, target_b
 
-    derived = {
-        "global_batch": global_batch,
-        "lr": lr,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "world_size": world,
-        "num_images": len(train_set),
-        "num_val_images": len(val_set),
-        "skipped_images": len(train_set.skipped) + len(val_set.skipped),
-        "num_classes": num_classes,
-        "classes": list(train_set.classes),
-        "test_img_size": test_size,
-        "num_params": sum(p.numel() for p in model.parameters()),
-        "lr_scales": sorted({round(g.get("lr_scale", 1.0), 6) for g in optimizer.param_groups}),
-        "init": init_report,
-        "config_hash": config_hash(cfg),
-    }
-    state, tracker = open_run(
-        "finetune",
-        cfg,
-        out,
-        derived,
-        tags=init_tags(cfg.model.backbone, derived["init"]),
-        rank=rank,
-        tracked=tracked_derived(derived),
-    )
-    ckpt_path = out / "checkpoint.pt"
-    with tracker:
-        if rank == 0:
-            tracker.log_artifact(out / "resolved_config.yaml")
-        step = 0
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            if ema is not None:
-                ema.module.load_state_dict(state["ema"])
-            step = int(state["step"])
-            steplog.truncate(out / "metrics.jsonl", step)
-        scheduler.step_update(step)
+    def epoch_cosine(self):
+        """The warm-up + cosine scheduler of ``cfg.optim`` (an `EpochWarmupCosine`)."""
+        optim = self.cfg.optim
+        sched_cfg = OptimConfig(
+            warmup_epochs=optim.warmup_epochs,
+            warmup_lr=optim.warmup_lr,
+            min_lr=optim.min_lr,
+            schedule="cosine",
+        )
+        steps = self.steps
+        return build_scheduler(self.optimizer, sched_cfg, steps.total, steps.per_epoch)
 
-        mixup = None
+    def eval_due(self, done: int) -> bool:
+        epochs, rest = divmod(done, self.steps.per_epoch)
+        return rest == 0 and epochs % self.cfg.eval_every_epochs == 0
+
+    def classify(self, model: nn.Module) -> dict[str, float]:
+        """top-1 / top-5 / loss of ``model`` on the whole validation set (every rank uses
+        rank 0's BatchNorm statistics, the ones it saves)."""
+        broadcast_buffers(model)
+        loader = engine.interruptible(self.val_loader)
+        return evaluate(model, loader, self.ctx.device, self.ctx.amp_dtype)
+
+    def record_extras(self, done: int) -> dict[str, float]:
+        return {"epoch": done // self.steps.per_epoch}
+
+    def meta(self) -> dict[str, Any]:
+        """``model.pt``'s meta (what `load_classifier` rebuilds the network from)."""
+        cfg = self.cfg
+        return {
+            "stage": self.stage,
+            "backbone": cfg.model.backbone,
+            "backbone_kwargs": dict(cfg.model.backbone_kwargs),
+            "img_size": cfg.model.img_size,
+            "test_img_size": self.test_size(),
+            "test_crop_pct": cfg.data.test_crop_pct,
+            "global_pool": cfg.model.global_pool,
+            "num_classes": self.num_classes,
+            "classes": list(self.train_set.classes),
+            "init": cfg.init,
+            "init_sha256": None if self.init_report is None else self.init_report["sha256"],
+            "config_hash": self.config_hash,
+            "steps": self.steps.total,
+        }
+
+
+class FinetuneTask(ClassifyTask):
+    """End-to-end fine-tuning: Mixup / CutMix, timm losses, EMA, layer decay."""
+
+    stage = "finetune"
+
+    @property
+    def repeats(self) -> int:
+        return self.cfg.data.repeated_aug
+
+    def test_size(self) -> int:
+        return self.cfg.data.test_img_size or self.cfg.model.img_size
+
+    def build(self) -> None:
+        cfg, steps, device = self.cfg, self.steps, self.ctx.device
+        self.lr = cfg.optim.scaled_lr(steps.global_batch)
+        model, self.init_report = build_model(cfg, self.num_classes)
+        model.to(device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.optim, self.lr)
+        self.scheduler = self.epoch_cosine()
+        self.ema = None
+        if cfg.ema_decay:
+            self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
+        self.mixup = None
         if cfg.mixup.active:
-            mixup = Mixup(
+            self.mixup = Mixup(
                 mixup_alpha=cfg.mixup.mixup_alpha,
                 cutmix_alpha=cfg.mixup.cutmix_alpha,
                 prob=cfg.mixup.prob,
                 switch_prob=cfg.mixup.switch_prob,
                 mode=cfg.mixup.mode,
                 label_smoothing=cfg.loss.smoothing,
-                num_classes=num_classes,
+                num_classes=self.num_classes,
             )
-        loss_fn = build_loss(cfg.loss, mixup is not None)
-        seeded = AugmentedDataset(train_set, train_transform(cfg), cfg.seed)
-        val_loader = DataLoader(
-            Subset(val_set, range(rank, len(val_set), world)),
-            batch_size=cfg.data.eval_batch_size or cfg.batch_size,
-            num_workers=cfg.data.num_workers,
-        )
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        log = steplog.TrainLog.of_stage(cfg, out, tracker, total_steps, step, rank, "finetune")
-        last_eval: dict[str, float] | None = None
+        self.loss_fn = build_loss(cfg.loss, self.mixup is not None)
+        self.seeded = AugmentedDataset(self.train_set, train_transform(cfg), cfg.seed)
 
-        def save(step_done: int) -> None:
-            if rank != 0:
-                return
-            tracker.flush()  # the metrics up to this step reach the store before the checkpoint
-            ckpt = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": step_done,
-                "config_hash": derived["config_hash"],
-            }
-            if ema is not None:
-                ckpt["ema"] = ema.module.state_dict()
-            checkpoint.atomic_save(ckpt, ckpt_path)
+    def derived(self) -> dict[str, Any]:
+        groups = self.optimizer.param_groups
+        return {
+            **super().derived(),
+            "test_img_size": self.test_size(),
+            "num_params": sum(p.numel() for p in self.model.parameters()),
+            "lr_scales": sorted({round(g.get("lr_scale", 1.0), 6) for g in groups}),
+            "init": self.init_report,
+        }
 
-        def run_eval(step_done: int, epoch_done: int) -> dict[str, float]:
-            broadcast_buffers(model)  # every shard is evaluated with the statistics rank 0 saves
-            res = evaluate(model, val_loader, device, amp_dtype)
-            row = {"top1": res["top1"], "top5": res["top5"], "val_loss": res["loss"]}
-            if ema is not None:
-                broadcast_buffers(ema.module)
-                res_ema = evaluate(ema.module, val_loader, device, amp_dtype)
-                row.update(top1_ema=res_ema["top1"], top5_ema=res_ema["top5"])
-                row["val_loss_ema"] = res_ema["loss"]
-            log.record(step_done, row, epoch=epoch_done)
-            return row
+    def state(self) -> dict[str, Any]:
+        state = super().state()
+        if self.ema is not None:
+            state["ema"] = self.ema.module.state_dict()
+        return state
 
-        while step < total_steps:
-            epoch, pos = divmod(step, steps_per_epoch)
-            epoch_end = (epoch + 1) * steps_per_epoch
-            sampler = AugSampler(
-                len(train_set),
-                cfg.seed,
-                epoch,
-                repeats=cfg.data.repeated_aug,
-                start=pos * cfg.batch_size * cfg.accum_steps,
-                rank=rank,
-                world_size=world,
-                usable=steps_per_epoch * global_batch,
-            )
-            loader = DataLoader(
-                seeded,
-                batch_size=cfg.batch_size,
-                sampler=sampler,
-                num_workers=cfg.data.num_workers,
-                drop_last=True,
-            )
-            batches = iter(loader)
-            for step in range(step, epoch_end):  # noqa: B020
-                model.train()
-                torch.manual_seed(rank_seed(mix_seed(cfg.seed, 1, step), rank))  # drop path
-                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                for micro in range(cfg.accum_steps):
-                    img_bchw, target_b = next(batches)
-                    img_bchw, target = img_bchw.to(device, non_blocking=True), target_b.to(device)
-                    if cfg.channels_last:
-                        img_bchw = img_bchw.contiguous(memory_format=torch.channels_last)
-                    if mixup is not None:
-                        with rng_scope(mix_seed(cfg.seed, 2, step, micro, rank)):
-                            img_bchw, target = mixup(img_bchw, target)  # target: (B, K) soft
-                    with torch.autocast(
-                        device.type, dtype=amp_dtype, enabled=amp_dtype is not None
-                    ):
-                        logits_bk = train_model(img_bchw)
-                        loss = loss_fn(logits_bk.float(), target)
-                    scaler.scale(loss / cfg.accum_steps).backward()
-                    loss_sum += loss.detach().double() / cfg.accum_steps
-                loss_sum = mean_over_ranks(loss_sum).item()  # the same on every rank
-                if not math.isfinite(loss_sum):
-                    raise FloatingPointError(
-                        f"non-finite loss {loss_sum} at step {step}; lower the lr or disable fp16"
-                    )
-                if cfg.optim.grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                done = step + 1
-                if ema is not None:
-                    ema.update(model, step=done)
-                scheduler.step_update(done)
-                row = {
-                    "loss": loss_sum,
-                    "lr": max(g["lr"] for g in optimizer.param_groups),
-                    "epoch": epoch + (done - epoch * steps_per_epoch) / steps_per_epoch,
-                }
-                log.step(done, global_batch, row)
-                # an epoch's last step is saved after its evaluation (below), so a resumed run
-                # never skips an evaluation
-                if done % cfg.ckpt_every_steps == 0 and done < epoch_end:
-                    save(done)
-                if stop_after_steps is not None and done >= stop_after_steps:
-                    log.close()
-                    tracker.close("KILLED")  # interrupted; a restart sets the run RUNNING again
-                    return {"stopped_at_step": float(done)}
-            step = epoch_end
-            if (epoch + 1) % cfg.eval_every_epochs == 0 or step == total_steps:
-                last_eval = run_eval(step, epoch + 1)
-            if step % cfg.ckpt_every_steps == 0 and step != total_steps:
-                save(step)
-        log.close()
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"])
 
-        if last_eval is None:  # a finished run restarted: evaluate the final weights again
-            last_eval = run_eval(total_steps, cfg.epochs)
-        save(total_steps)
-        metrics = {**last_eval, **({"final_loss": log.last["loss"]} if log.last else {})}
-        if rank == 0:
-            meta = {
-                "stage": "finetune",
-                "backbone": cfg.model.backbone,
-                "backbone_kwargs": dict(cfg.model.backbone_kwargs),
-                "img_size": cfg.model.img_size,
-                "test_img_size": test_size,
-                "test_crop_pct": cfg.data.test_crop_pct,
-                "global_pool": cfg.model.global_pool,
-                "num_classes": num_classes,
-                "classes": list(train_set.classes),
-                "init": cfg.init,
-                "init_sha256": None if init_report is None else init_report["sha256"],
-                "config_hash": derived["config_hash"],
-                "steps": total_steps,
-            }
-            saved = {"state_dict": model.state_dict(), "meta": meta}
-            if ema is not None:
-                saved["state_dict_ema"] = ema.module.state_dict()
-            checkpoint.atomic_save(saved, out / "model.pt")
-            atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-            tracker.log_artifact(out / "metrics.json")
-        return metrics
+    def loss(self, train_model, batch, step, micro):
+        img_bchw, target = self.to_device(batch)
+        if self.mixup is not None:
+            with rng_scope(mix_seed(self.cfg.seed, 2, step, micro, self.ctx.rank)):
+                img_bchw, target = self.mixup(img_bchw, target)  # target: (B, K) soft
+        with self.ctx.autocast():
+            logits_bk = train_model(img_bchw)
+            loss = self.loss_fn(logits_bk.float(), target)
+        return loss, {"loss": loss}
+
+    def after_update(self, done: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=done)
+
+    def evaluate(self, done: int) -> dict[str, float]:
+        res = self.classify(self.model)
+        row = {"top1": res["top1"], "top5": res["top5"], "val_loss": res["loss"]}
+        if self.ema is not None:
+            res_ema = self.classify(self.ema.module)
+            row.update(top1_ema=res_ema["top1"], top5_ema=res_ema["top5"])
+            row["val_loss_ema"] = res_ema["loss"]
+        return row
+
+    def write_final(self, metrics: dict[str, Any]) -> list:
+        saved = {"state_dict": self.model.state_dict(), "meta": self.meta()}
+        if self.ema is not None:
+            saved["state_dict_ema"] = self.ema.module.state_dict()
+        checkpoint.atomic_save(saved, self.ctx.out / "model.pt")
+        return []
+
+
+run = engine.stage_runner(FinetuneTask)

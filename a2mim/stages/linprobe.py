@@ -22,41 +22,18 @@ the shards, so ``top1`` is that of ``model.pt`` on the whole validation set.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
-from a2mim import atomic
-from a2mim.config import ConfigError, from_dict
-from a2mim.data.imagefolder import ImageFolderDataset
-from a2mim.data.transforms import eval_transform, pretrain_transform
-from a2mim.stages.rundir import config_hash, init_tags, open_run, require_init
-from a2mim.train import checkpoint, steplog
-from a2mim.train.classify import (
-    AugmentedDataset,
-    AugSampler,
-    LinearProbe,
-    check_backbone,
-    create_classifier,
-    evaluate,
-    load_encoder,
-    tracked_derived,
-)
-from a2mim.train.distributed import (
-    broadcast_buffers,
-    mean_over_ranks,
-    rank_seed,
-    resolve_device,
-    world_info,
-)
-from a2mim.train.optim import OptimConfig, build_scheduler
-from a2mim.train.sampling import mix_seed
+from a2mim.config import CropFlipData, EpochWarmupCosine, TransferRunConfig, bounded, from_dict
+from a2mim.data.transforms import pretrain_transform
+from a2mim.stages.finetune import ClassifyTask
+from a2mim.train import checkpoint, engine
+from a2mim.train.classify import AugmentedDataset, LinearProbe
+from a2mim.train.encoder import check_backbone, create_classifier, load_encoder
 
 __all__ = [
     "DataConfig",
@@ -79,72 +56,43 @@ class ModelConfig:
 
     backbone: str = "resnet50"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    img_size: int = 224
+    img_size: int = bounded(224, ge=1)
     global_pool: str | None = None
     feature_bn: bool = True
-    head_init_std: float = 0.01
+    head_init_std: float = bounded(0.01, gt=0)
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    root: str = "data/imagenet"
-    split: str = "train"
-    val_split: str = "val"
-    skip_corrupt: bool = False
-    num_workers: int = 0
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    hflip: bool = True
-    test_crop_pct: float = 0.875
-    eval_batch_size: int | None = None
+class DataConfig(CropFlipData):
+    test_crop_pct: float = bounded(0.875, gt=0, le=1)
+    eval_batch_size: int | None = bounded(None, ge=1)
 
 
 @dataclass(frozen=True)
-class ProbeOptimConfig:
-    """SGD on the probe: ``lr = base_lr * global_batch / lr_batch_divisor``, optional linear
+class ProbeOptimConfig(EpochWarmupCosine):
+    """SGD on the probe (MoCo: base lr 30 per 256 images, no weight decay), optional linear
     warm-up, then per-iteration cosine to ``min_lr``."""
 
-    base_lr: float = 30.0
-    lr_batch_divisor: int = 256
-    momentum: float = 0.9
+    base_lr: float = bounded(30.0, gt=0)
+    momentum: float = bounded(0.9, ge=0, le=1)
     nesterov: bool = False
-    weight_decay: float = 0.0
-    warmup_epochs: float = 0.0
-    warmup_lr: float = 0.0
-    min_lr: float = 0.0
 
 
 @dataclass(frozen=True)
-class LinprobeConfig:
+class LinprobeConfig(TransferRunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: ProbeOptimConfig = field(default_factory=ProbeOptimConfig)
-    scale: Literal["tiny", "small", "paper"] = "paper"
-    init: str | None = None  # pretrain encoder.pt / finetune model.pt; null: random features
-    epochs: int = 100
-    batch_size: int = 256  # per process
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    epochs: int = bounded(100, ge=1)
+    batch_size: int = bounded(256, ge=1)  # per process
     channels_last: bool = False
-    seed: int = 0
-    deterministic: bool = True
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    eval_every_epochs: int = 1
-    ckpt_every_steps: int = 500
-    log_every_steps: int = 10
-    progress: bool = True
-    track: bool = True  # MLflow (a2mim.tracking); rank 0 only
-    tracking_uri: str | None = None  # default: sqlite under the results folder, or env
-    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (not hashed)
+    eval_every_epochs: int = bounded(1, ge=1)
 
 
 def load_config(data: dict[str, Any], where: str = "config") -> LinprobeConfig:
     """Validate a mapping into a ``LinprobeConfig`` (unknown keys and bad values are errors)."""
     cfg = from_dict(LinprobeConfig, data, where)
     check_backbone(cfg.model.backbone, where)
-    for name in ("epochs", "batch_size", "ckpt_every_steps", "log_every_steps"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{where}: {name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.eval_every_epochs < 1:
-        raise ConfigError(f"{where}: eval_every_epochs must be >= 1")
     return cfg
 
 
@@ -172,233 +120,71 @@ def build_probe(cfg: LinprobeConfig, num_classes: int) -> tuple[LinearProbe, dic
     return probe, report
 
 
-def run(
-    cfg: LinprobeConfig, out_dir: str | Path, stop_after_steps: int | None = None
-) -> dict[str, float]:
-    """Train (or resume) the linear probe into ``out_dir``; returns the final metrics.
+class LinprobeTask(ClassifyTask):
+    """The probe's head trains (SGD) on the frozen backbone's features; the checkpoint holds
+    the head only."""
 
-    ``stop_after_steps`` (tests) returns right after that many steps, as if killed there.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rank, world = world_info()
-    device = resolve_device(cfg.device)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
-        torch.backends.cudnn.benchmark = False
+    stage = "linprobe"
+    nonfinite_hint = "lower optim.base_lr"
 
-    require_init(cfg.init)
-    on_corrupt = "skip" if cfg.data.skip_corrupt else "error"
-    train_set = ImageFolderDataset(cfg.data.root, cfg.data.split, on_corrupt=on_corrupt)
-    val_set = ImageFolderDataset(
-        cfg.data.root,
-        cfg.data.val_split,
-        transform=eval_transform(cfg.model.img_size, cfg.data.test_crop_pct),
-        on_corrupt=on_corrupt,
-    )
-    if val_set.classes != train_set.classes:
-        raise ValueError(
-            f"{cfg.data.root}: the classes of {cfg.data.split} and {cfg.data.val_split} "
-            f"differ; both splits need the same class folders"
+    def build(self) -> None:
+        cfg, steps = self.cfg, self.steps
+        self.lr = cfg.optim.scaled_lr(steps.global_batch)
+        self.probe, self.init_report = build_probe(cfg, self.num_classes)
+        self.probe.to(self.ctx.device)
+        if cfg.channels_last:
+            self.probe.backbone.to(memory_format=torch.channels_last)
+        self.model = self.probe
+        self.optimizer = torch.optim.SGD(
+            self.probe.head.parameters(),
+            lr=self.lr,
+            momentum=cfg.optim.momentum,
+            nesterov=cfg.optim.nesterov,
+            weight_decay=cfg.optim.weight_decay,
         )
-    num_classes = len(train_set.classes)
-    global_batch = cfg.batch_size * world
-    steps_per_epoch = len(train_set) // global_batch
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"{cfg.data.root}/{cfg.data.split} has {len(train_set)} images, fewer than one "
-            f"global batch of {global_batch} (batch_size x processes): lower batch_size"
-        )
-    total_steps = cfg.epochs * steps_per_epoch
-    lr = cfg.optim.base_lr * global_batch / cfg.optim.lr_batch_divisor
+        self.scheduler = self.epoch_cosine()
+        transform = pretrain_transform(cfg.model.img_size, cfg.data.crop_scale, cfg.data.hflip)
+        self.seeded = AugmentedDataset(self.train_set, transform, cfg.seed)
 
-    torch.manual_seed(cfg.seed)
-    probe, init_report = build_probe(cfg, num_classes)
-    probe.to(device)
-    if cfg.channels_last:
-        probe.backbone.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        probe.head.parameters(),
-        lr=lr,
-        momentum=cfg.optim.momentum,
-        nesterov=cfg.optim.nesterov,
-        weight_decay=cfg.optim.weight_decay,
-    )
-    sched_cfg = OptimConfig(
-        warmup_epochs=cfg.optim.warmup_epochs,
-        warmup_lr=cfg.optim.warmup_lr,
-        min_lr=cfg.optim.min_lr,
-        schedule="cosine",
-    )
-    scheduler = build_scheduler(optimizer, sched_cfg, total_steps, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    train_head: nn.Module = probe.head
-    if world > 1:
-        train_head = nn.parallel.DistributedDataParallel(
-            probe.head, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    def derived(self) -> dict[str, Any]:
+        return {
+            **super().derived(),
+            "feature_dim": self.probe.head[1].in_features,
+            "init": self.init_report,
+        }
 
-    derived = {
-        "global_batch": global_batch,
-        "lr": lr,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "world_size": world,
-        "num_images": len(train_set),
-        "num_val_images": len(val_set),
-        "skipped_images": len(train_set.skipped) + len(val_set.skipped),
-        "num_classes": num_classes,
-        "classes": list(train_set.classes),
-        "feature_dim": probe.head[1].in_features,
-        "init": init_report,
-        "config_hash": config_hash(cfg),
-    }
-    state, tracker = open_run(
-        "linprobe",
-        cfg,
-        out,
-        derived,
-        tags=init_tags(cfg.model.backbone, derived["init"]),
-        rank=rank,
-        tracked=tracked_derived(derived),
-    )
-    ckpt_path = out / "checkpoint.pt"
-    with tracker:
-        if rank == 0:
-            tracker.log_artifact(out / "resolved_config.yaml")
-        step = 0
-        if state is not None:
-            probe.head.load_state_dict(state["head"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            step = int(state["step"])
-            steplog.truncate(out / "metrics.jsonl", step)
-        scheduler.step_update(step)
+    def train_module(self) -> nn.Module:
+        return self.probe.head
 
-        seeded = AugmentedDataset(
-            train_set,
-            pretrain_transform(cfg.model.img_size, cfg.data.crop_scale, cfg.data.hflip),
-            cfg.seed,
-        )
-        val_loader = DataLoader(
-            Subset(val_set, range(rank, len(val_set), world)),
-            batch_size=cfg.data.eval_batch_size or cfg.batch_size,
-            num_workers=cfg.data.num_workers,
-        )
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        log = steplog.TrainLog.of_stage(cfg, out, tracker, total_steps, step, rank, "linprobe")
-        loss_fn = nn.CrossEntropyLoss()
-        last_eval: dict[str, float] | None = None
+    def state(self) -> dict[str, Any]:
+        return {"head": self.probe.head.state_dict()}
 
-        def save(step_done: int) -> None:
-            if rank != 0:
-                return
-            tracker.flush()  # the metrics up to this step reach the store before the checkpoint
-            checkpoint.atomic_save(
-                {
-                    "head": probe.head.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "step": step_done,
-                    "config_hash": derived["config_hash"],
-                },
-                ckpt_path,
-            )
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.probe.head.load_state_dict(state["head"])
 
-        def run_eval(step_done: int, epoch_done: int) -> dict[str, float]:
-            broadcast_buffers(probe.head)  # rank 0's feature-BN statistics, the ones it saves
-            res = evaluate(probe, val_loader, device, amp_dtype)
-            row = {"top1": res["top1"], "top5": res["top5"], "val_loss": res["loss"]}
-            log.record(step_done, row, epoch=epoch_done)
-            return row
+    def clip_parameters(self):
+        return self.probe.head.parameters()
 
-        while step < total_steps:
-            epoch, pos = divmod(step, steps_per_epoch)
-            epoch_end = (epoch + 1) * steps_per_epoch
-            sampler = AugSampler(
-                len(train_set),
-                cfg.seed,
-                epoch,
-                start=pos * cfg.batch_size,
-                rank=rank,
-                world_size=world,
-                usable=steps_per_epoch * global_batch,
-            )
-            loader = DataLoader(
-                seeded,
-                batch_size=cfg.batch_size,
-                sampler=sampler,
-                num_workers=cfg.data.num_workers,
-                drop_last=True,
-            )
-            batches = iter(loader)
-            for step in range(step, epoch_end):  # noqa: B020
-                probe.train()  # the head only: the backbone stays in eval mode
-                torch.manual_seed(rank_seed(mix_seed(cfg.seed, 1, step), rank))
-                img_bchw, target_b = next(batches)
-                img_bchw, target_b = img_bchw.to(device, non_blocking=True), target_b.to(device)
-                if cfg.channels_last:
-                    img_bchw = img_bchw.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    feat_bd = probe.features(img_bchw)
-                logits_bk = train_head(feat_bd.float())
-                loss = loss_fn(logits_bk, target_b)
-                scaler.scale(loss).backward()
-                loss_val = mean_over_ranks(loss.detach().double()).item()  # same on every rank
-                if not math.isfinite(loss_val):
-                    raise FloatingPointError(
-                        f"non-finite loss {loss_val} at step {step}; lower optim.base_lr"
-                    )
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                done = step + 1
-                scheduler.step_update(done)
-                row = {
-                    "loss": loss_val,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "epoch": epoch + (done - epoch * steps_per_epoch) / steps_per_epoch,
-                }
-                log.step(done, global_batch, row)
-                if done % cfg.ckpt_every_steps == 0 and done < epoch_end:
-                    save(done)
-                if stop_after_steps is not None and done >= stop_after_steps:
-                    log.close()
-                    tracker.close("KILLED")  # interrupted; a restart sets the run RUNNING again
-                    return {"stopped_at_step": float(done)}
-            step = epoch_end
-            if (epoch + 1) % cfg.eval_every_epochs == 0 or step == total_steps:
-                last_eval = run_eval(step, epoch + 1)
-            if step % cfg.ckpt_every_steps == 0 and step != total_steps:
-                save(step)
-        log.close()
+    def loss(self, train_head, batch, step, micro):
+        img_bchw, target_b = self.to_device(batch)
+        with self.ctx.autocast():
+            feat_bd = self.probe.features(img_bchw)
+        logits_bk = train_head(feat_bd.float())
+        loss = nn.functional.cross_entropy(logits_bk, target_b)
+        return loss, {"loss": loss}
 
-        if last_eval is None:  # a finished run restarted: evaluate the final weights again
-            last_eval = run_eval(total_steps, cfg.epochs)
-        save(total_steps)
-        metrics = {**last_eval, **({"final_loss": log.last["loss"]} if log.last else {})}
-        if rank == 0:
-            meta = {
-                "stage": "linprobe",
-                "backbone": cfg.model.backbone,
-                "backbone_kwargs": dict(cfg.model.backbone_kwargs),
-                "img_size": cfg.model.img_size,
-                "test_img_size": cfg.model.img_size,
-                "test_crop_pct": cfg.data.test_crop_pct,
-                "global_pool": cfg.model.global_pool,
-                "feature_bn": cfg.model.feature_bn,
-                "num_classes": num_classes,
-                "classes": list(train_set.classes),
-                "init": cfg.init,
-                "init_sha256": None if init_report is None else init_report["sha256"],
-                "config_hash": derived["config_hash"],
-                "steps": total_steps,
-            }
-            checkpoint.atomic_save(
-                {"state_dict": probe.state_dict(), "meta": meta}, out / "model.pt"
-            )
-            atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-            tracker.log_artifact(out / "metrics.json")
-        return metrics
+    def logged_lr(self, step: int) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def evaluate(self, done: int) -> dict[str, float]:
+        res = self.classify(self.probe)
+        return {"top1": res["top1"], "top5": res["top5"], "val_loss": res["loss"]}
+
+    def write_final(self, metrics: dict[str, Any]) -> list:
+        meta = {**self.meta(), "feature_bn": self.cfg.model.feature_bn}
+        saved = {"state_dict": self.probe.state_dict(), "meta": meta}
+        checkpoint.atomic_save(saved, self.ctx.out / "model.pt")
+        return []
+
+
+run = engine.stage_runner(LinprobeTask)

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
 
 from a2mim import atomic
-from a2mim.config import ConfigError, from_dict
+from a2mim.config import ConfigError, OptimBase, TransferRunConfig, bounded, from_dict
 from a2mim.data.ade import ADE20KSegmentation
 from a2mim.data.seg_transforms import SegTrainTransform, eval_input
 from a2mim.models.upernet import (
@@ -62,17 +62,12 @@ from a2mim.models.upernet import (
     slide_logits,
     whole_logits,
 )
-from a2mim.stages.rundir import config_hash, init_tags, open_run, require_init
-from a2mim.train import checkpoint, steplog
-from a2mim.train.classify import check_backbone, tracked_derived
-from a2mim.train.distributed import (
-    broadcast_buffers,
-    mean_over_ranks,
-    rank_seed,
-    resolve_device,
-    world_info,
-)
+from a2mim.train import checkpoint, engine
+from a2mim.train.classify import tracked_derived
+from a2mim.train.distributed import broadcast_buffers
+from a2mim.train.encoder import check_backbone
 from a2mim.train.optim import check_timm_optim
+from a2mim.train.rundir import init_tags, require_init
 from a2mim.train.sampling import mix_seed
 
 __all__ = [
@@ -104,14 +99,14 @@ class ModelConfig:
 
     backbone: str = "resnet50"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    out_indices: tuple[int, ...] | None = None
-    channels: int = 512
-    pool_scales: tuple[int, ...] = (1, 2, 3, 6)
-    aux_channels: int = 256
-    aux_in_index: int = 2
-    aux_weight: float = 0.4
-    dropout: float = 0.1
-    drop_path_rate: float = 0.0
+    out_indices: tuple[int, ...] | None = bounded(None, ge=0)
+    channels: int = bounded(512, ge=1)
+    pool_scales: tuple[int, ...] = bounded((1, 2, 3, 6), ge=1)
+    aux_channels: int = bounded(256, ge=1)
+    aux_in_index: int = bounded(2, ge=0, le=3)
+    aux_weight: float = bounded(0.4, ge=0)
+    dropout: float = bounded(0.1, ge=0, lt=1)
+    drop_path_rate: float = bounded(0.0, ge=0, lt=1)
 
 
 @dataclass(frozen=True)
@@ -123,16 +118,16 @@ class DataConfig:
     root: str = "data/ade20k/ADEChallengeData2016"
     split: str = "training"
     val_split: str = "validation"
-    num_classes: int = 150
+    num_classes: int = bounded(150, ge=1, le=254)
     reduce_zero_label: bool = True
-    ignore_index: int = 255
-    img_scale: tuple[int, int] = (2048, 512)
-    ratio_range: tuple[float, float] = (0.5, 2.0)
-    crop_size: int = 512
-    cat_max_ratio: float = 0.75
-    hflip: float = 0.5
+    ignore_index: int = bounded(255, ge=1, le=255)
+    img_scale: tuple[int, int] = bounded((2048, 512), ge=1)
+    ratio_range: tuple[float, float] = bounded((0.5, 2.0), gt=0)
+    crop_size: int = bounded(512, ge=1)
+    cat_max_ratio: float = bounded(0.75, gt=0, le=1)
+    hflip: float = bounded(0.5, ge=0, le=1)
     photometric: bool = True
-    num_workers: int = 4
+    num_workers: int = bounded(4, ge=0)
 
 
 @dataclass(frozen=True)
@@ -142,8 +137,8 @@ class EvalConfig:
     ``every_steps``: also evaluate during training (null: only at the end)."""
 
     mode: Literal["whole", "slide"] = "whole"
-    stride: int = 341
-    every_steps: int | None = None
+    stride: int = bounded(341, ge=1)
+    every_steps: int | None = bounded(None, ge=1)
 
 
 @dataclass(frozen=True)
@@ -156,48 +151,37 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
-class SegmentOptimConfig:
+class SegmentOptimConfig(OptimBase):
     """A timm optimizer (``create_optimizer_v2``) over `a2mim.models.upernet.param_groups`;
     ``lr = base_lr * global_batch / lr_batch_divisor`` (the divisor 16 keeps mmseg's absolute
     lr at batch 16). Warm-up: ``warmup_iters`` linear from ``lr * warmup_ratio``; then poly
     ``(lr - min_lr) * (1 - t / T) ** power + min_lr`` over the remaining iterations."""
 
     opt: str = "adamw"
-    base_lr: float = 1e-4
-    lr_batch_divisor: int = 16
-    weight_decay: float = 0.05
-    betas: tuple[float, float] | None = (0.9, 0.999)
-    momentum: float = 0.9
-    layer_decay: float | None = None
-    warmup_iters: int = 1500
-    warmup_ratio: float = 1e-6
-    power: float = 1.0
-    min_lr: float = 0.0
-    grad_clip: float | None = None
+    base_lr: float = bounded(1e-4, gt=0)
+    lr_batch_divisor: int = bounded(16, ge=1)
+    weight_decay: float = bounded(0.05, ge=0)
+    betas: tuple[float, float] | None = bounded((0.9, 0.999), ge=0, lt=1)
+    momentum: float = bounded(0.9, ge=0, le=1)
+    layer_decay: float | None = bounded(None, gt=0, le=1)
+    warmup_iters: int = bounded(1500, ge=0)
+    warmup_ratio: float = bounded(1e-6, ge=0, le=1)
+    power: float = bounded(1.0, gt=0)
+    min_lr: float = bounded(0.0, ge=0)
 
 
 @dataclass(frozen=True)
-class SegmentConfig:
+class SegmentConfig(TransferRunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: SegmentOptimConfig = field(default_factory=SegmentOptimConfig)
-    scale: Literal["tiny", "small", "paper"] = "paper"
-    init: str | None = None  # pretrain encoder.pt / finetune model.pt; null: from scratch
-    iters: int = 160_000
-    batch_size: int = 16  # per process
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    iters: int = bounded(160_000, ge=1)
+    batch_size: int = bounded(16, ge=1)  # per process and micro-step
     sync_bn: bool = True  # SyncBatchNorm across ranks (CUDA, world_size > 1), as mmseg
-    seed: int = 0
-    deterministic: bool = True
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    ckpt_every_steps: int = 2000
-    log_every_steps: int = 50
-    progress: bool = True
-    track: bool = True  # MLflow (a2mim.tracking); rank 0 only
-    tracking_uri: str | None = None  # default: sqlite under the results folder, or env
-    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (not hashed)
+    ckpt_every_steps: int = bounded(2000, ge=1)
+    log_every_steps: int = bounded(50, ge=1)
 
 
 def load_config(data: dict[str, Any], where: str = "config") -> SegmentConfig:
@@ -205,9 +189,6 @@ def load_config(data: dict[str, Any], where: str = "config") -> SegmentConfig:
     cfg = from_dict(SegmentConfig, data, where)
     check_backbone(cfg.model.backbone, where)
     check_timm_optim(cfg.optim.opt, cfg.optim.layer_decay, where)
-    for name in ("iters", "batch_size", "ckpt_every_steps", "log_every_steps"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{where}: {name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.batch_size < 2:
         raise ConfigError(
             f"{where}: batch_size must be >= 2 (BatchNorm in the heads, and the 1x1 pyramid "
@@ -459,89 +440,29 @@ def evaluate(
 # ------------------------------------------------------------------------------------- run
 
 
-def run(
-    cfg: SegmentConfig, out_dir: str | Path, stop_after_steps: int | None = None
-) -> dict[str, float]:
-    """Train (or resume) into ``out_dir`` and evaluate; returns the final metrics.
+class SegmentTask(engine.Task):
+    """UperNet on a stream of augmented crops (no epochs); the decode + auxiliary loss; mIoU
+    every ``eval.every_steps`` and at the end."""
 
-    ``stop_after_steps`` (tests) returns right after that many optimizer steps, with nothing
-    written beyond the periodic checkpoints, as if the process had been killed there.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rank, world = world_info()
-    device = resolve_device(cfg.device)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
-        torch.backends.cudnn.benchmark = False
-    require_init(cfg.init)
-    d = cfg.data
-    ade = {
-        "reduce_zero_label": d.reduce_zero_label,
-        "num_classes": d.num_classes,
-        "ignore_index": d.ignore_index,
-    }
-    train_set = ADE20KSegmentation(d.root, d.split, **ade)
-    val_set = ADE20KSegmentation(d.root, d.val_split, transforms=_TestInput(d.img_scale), **ade)
-    global_batch = cfg.batch_size * world
-    total_steps = cfg.iters
-    lr = cfg.optim.base_lr * global_batch / cfg.optim.lr_batch_divisor
+    stage = "segment"
 
-    torch.manual_seed(cfg.seed)
-    model, init_report = build_model(cfg)
-    if world > 1 and cfg.sync_bn and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    optimizer = build_optimizer(model, cfg.optim, lr)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps, lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    train_model: nn.Module = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+    def prepare(self, accum_steps: int) -> engine.Steps:
+        cfg, d, ctx = self.cfg, self.cfg.data, self.ctx
+        require_init(cfg.init)
+        ade = {
+            "reduce_zero_label": d.reduce_zero_label,
+            "num_classes": d.num_classes,
+            "ignore_index": d.ignore_index,
+        }
+        self.train_set = ADE20KSegmentation(d.root, d.split, **ade)
+        self.val_set = ADE20KSegmentation(
+            d.root, d.val_split, transforms=_TestInput(d.img_scale), **ade
         )
-
-    derived = {
-        "global_batch": global_batch,
-        "lr": lr,
-        "total_steps": total_steps,
-        "epochs": total_steps * global_batch / len(train_set),
-        "world_size": world,
-        "num_images": len(train_set),
-        "num_val_images": len(val_set),
-        "num_classes": d.num_classes,
-        "out_indices": list(model.out_indices),
-        "in_channels": list(model.in_channels),
-        "strides": list(model.strides),
-        "simple_pyramid": model.plain,
-        "num_params": sum(p.numel() for p in model.parameters()),
-        "lr_scales": sorted({round(g.get("lr_scale", 1.0), 6) for g in optimizer.param_groups}),
-        "init": init_report,
-        "config_hash": config_hash(cfg),
-    }
-    state, tracker = open_run(
-        "segment",
-        cfg,
-        out,
-        derived,
-        tags=init_tags(cfg.model.backbone, init_report),
-        rank=rank,
-        tracked=tracked_derived(derived),
-    )
-    ckpt_path = out / "checkpoint.pt"
-    with tracker:
-        if rank == 0:
-            tracker.log_artifact(out / "resolved_config.yaml")
-        step = 0
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            step = int(state["step"])
-            steplog.truncate(out / "metrics.jsonl", step)
-        scheduler.step_update(step)
-
+        self.val_loader = DataLoader(
+            Subset(self.val_set, range(ctx.rank, len(self.val_set), ctx.world)),
+            batch_size=1,
+            num_workers=d.num_workers,
+        )
         transform = SegTrainTransform(
             img_scale=d.img_scale,
             ratio_range=d.ratio_range,
@@ -551,104 +472,95 @@ def run(
             photometric=d.photometric,
             ignore_index=d.ignore_index,
         )
+        self.augmented = AugmentedSegSet(self.train_set, transform, cfg.seed)
+        global_batch = cfg.batch_size * ctx.world * accum_steps
+        return engine.Steps(cfg.iters, global_batch, accum_steps, None)
+
+    def build(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        self.lr = cfg.optim.scaled_lr(self.steps.global_batch)
+        model, self.init_report = build_model(cfg)
+        if ctx.world > 1 and cfg.sync_bn and ctx.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model.to(ctx.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.lr)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps.total, self.lr)
+
+    def derived(self) -> dict[str, Any]:
+        model, steps = self.model, self.steps
+        groups = self.optimizer.param_groups
+        return {
+            "epochs": steps.total * steps.global_batch / len(self.train_set),
+            "num_images": len(self.train_set),
+            "num_val_images": len(self.val_set),
+            "num_classes": self.cfg.data.num_classes,
+            "out_indices": list(model.out_indices),
+            "in_channels": list(model.in_channels),
+            "strides": list(model.strides),
+            "simple_pyramid": model.plain,
+            "num_params": sum(p.numel() for p in model.parameters()),
+            "lr_scales": sorted({round(g.get("lr_scale", 1.0), 6) for g in groups}),
+            "init": self.init_report,
+        }
+
+    def tags(self) -> dict[str, str]:
+        return init_tags(self.cfg.model.backbone, self.init_report)
+
+    def tracked(self, derived: dict[str, Any]) -> dict[str, Any]:
+        return tracked_derived(derived)
+
+    def batches(self, step: int):
+        cfg, ctx, steps = self.cfg, self.ctx, self.steps
+        accum = steps.accum_steps
         loader = DataLoader(
-            AugmentedSegSet(train_set, transform, cfg.seed),
+            self.augmented,
             batch_size=cfg.batch_size,
             sampler=StreamSampler(
-                len(train_set), cfg.seed, cfg.batch_size, step, total_steps, rank, world
+                len(self.train_set),
+                cfg.seed,
+                cfg.batch_size,
+                step * accum,  # the stream counts micro-steps
+                steps.total * accum,
+                ctx.rank,
+                ctx.world,
             ),
-            num_workers=d.num_workers,
+            num_workers=cfg.data.num_workers,
             drop_last=True,
         )
-        val_loader = DataLoader(
-            Subset(val_set, range(rank, len(val_set), world)),
-            batch_size=1,
-            num_workers=d.num_workers,
-        )
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        log = steplog.TrainLog.of_stage(cfg, out, tracker, total_steps, step, rank, "segment")
+        return iter(loader)
 
-        def save(step_done: int) -> None:
-            if rank != 0:
-                return
-            tracker.flush()  # the metrics up to this step reach the store before the checkpoint
-            ckpt = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": step_done,
-                "config_hash": derived["config_hash"],
-            }
-            checkpoint.atomic_save(ckpt, ckpt_path)
+    def loss(self, train_model, batch, step, micro):
+        device, d = self.ctx.device, self.cfg.data
+        img_bchw, label_bhw = batch
+        img_bchw, label_bhw = img_bchw.to(device, non_blocking=True), label_bhw.to(device)
+        with self.ctx.autocast():
+            logits, aux_logits = train_model(img_bchw)
+        avg = self.cfg.loss.avg_non_ignore
+        loss_decode = seg_loss(logits, label_bhw, d.ignore_index, avg)
+        loss_aux = torch.zeros_like(loss_decode)
+        if aux_logits is not None:
+            loss_aux = seg_loss(aux_logits, label_bhw, d.ignore_index, avg)
+        loss = loss_decode + self.cfg.model.aux_weight * loss_aux
+        return loss, {"loss": loss, "loss_decode": loss_decode, "loss_aux": loss_aux}
 
-        def run_eval(step_done: int) -> dict[str, Any]:
-            broadcast_buffers(model)  # every shard is evaluated with the statistics rank 0 saves
-            res = evaluate(model, val_loader, cfg, device, amp_dtype)
-            row = {k: res[k] for k in ("miou", "aacc", "macc")}
-            log.record(step_done, row)
-            return res
+    def progress(self, done: int) -> dict[str, float]:
+        return {}
 
-        batches = iter(loader)
-        for step in range(step, total_steps):  # noqa: B020
-            model.train()
-            torch.manual_seed(rank_seed(mix_seed(cfg.seed, 1, step), rank))  # dropout, drop path
-            img_bchw, label_bhw = next(batches)
-            img_bchw, label_bhw = img_bchw.to(device, non_blocking=True), label_bhw.to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits, aux_logits = train_model(img_bchw)
-            ignore, avg = d.ignore_index, cfg.loss.avg_non_ignore
-            loss_decode = seg_loss(logits, label_bhw, ignore, avg)
-            loss_aux = torch.zeros_like(loss_decode)
-            if aux_logits is not None:
-                loss_aux = seg_loss(aux_logits, label_bhw, ignore, avg)
-            loss = loss_decode + cfg.model.aux_weight * loss_aux
-            scaler.scale(loss).backward()
-            parts = mean_over_ranks(torch.stack([loss, loss_decode, loss_aux]).detach().double())
-            loss_value, decode_value, aux_value = parts.tolist()  # the same on every rank
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"non-finite loss {loss_value} at step {step}; lower the lr or disable fp16"
-                )
-            if cfg.optim.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            scheduler.step_update(done)
-            row = {
-                "loss": loss_value,
-                "loss_decode": decode_value,
-                "loss_aux": aux_value,
-                "lr": max(g["lr"] for g in optimizer.param_groups),
-            }
-            log.step(done, global_batch, row)
-            if done < total_steps:
-                # an evaluation comes before the checkpoint of its step, so a resumed run
-                # never skips one
-                if cfg.eval.every_steps and done % cfg.eval.every_steps == 0:
-                    run_eval(done)
-                if done % cfg.ckpt_every_steps == 0:
-                    save(done)
-            if stop_after_steps is not None and done >= stop_after_steps:
-                log.close()
-                tracker.close("KILLED")  # interrupted; a restart sets the run RUNNING again
-                return {"stopped_at_step": float(done)}
-        log.close()
+    def eval_due(self, done: int) -> bool:
+        every = self.cfg.eval.every_steps
+        return bool(every) and done % every == 0
 
-        last_eval = run_eval(total_steps)
-        save(total_steps)
-        metrics = {k: last_eval[k] for k in ("miou", "aacc", "macc")}
-        if log.last:
-            metrics["final_loss"] = log.last["loss"]
-        if rank == 0:
-            _write_outputs(out, cfg, model, derived, init_report, last_eval)
-            atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-            tracker.log_artifact(out / "per_class_iou.json")
-            tracker.log_artifact(out / "metrics.json")
-        return metrics
+    def evaluate(self, done: int) -> dict[str, float]:
+        broadcast_buffers(self.model)  # every shard is evaluated with the statistics rank 0 saves
+        loader = engine.interruptible(self.val_loader)
+        self.result = evaluate(self.model, loader, self.cfg, self.ctx.device, self.ctx.amp_dtype)
+        return {k: self.result[k] for k in ("miou", "aacc", "macc")}
+
+    def write_final(self, metrics: dict[str, Any]) -> list:
+        out = self.ctx.out
+        derived = {"config_hash": self.config_hash, "total_steps": self.steps.total}
+        _write_outputs(out, self.cfg, self.model, derived, self.init_report, self.result)
+        return [(out / "per_class_iou.json", None)]
 
 
 def _write_outputs(
@@ -677,3 +589,6 @@ def _write_outputs(
         str(k): (None if math.isnan(v) else v) for k, v in enumerate(result["iou_per_class"])
     }
     atomic.write_text(out / "per_class_iou.json", json.dumps(per_class, indent=2))
+
+
+run = engine.stage_runner(SegmentTask)

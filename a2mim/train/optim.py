@@ -9,7 +9,7 @@ import torch
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 
-from a2mim.config import ConfigError
+from a2mim.config import ConfigError, bounded
 
 
 @dataclass(frozen=True)
@@ -20,17 +20,17 @@ class OptimConfig:
     pre-training configs use base 3e-4 per 512 images for ResNet-50, i.e. 1.2e-3 at 2048).
     """
 
-    base_lr: float = 3e-4
-    lr_batch_divisor: int = 512
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_epochs: float = 10.0
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
+    base_lr: float = bounded(3e-4, gt=0)
+    lr_batch_divisor: int = bounded(512, ge=1)
+    weight_decay: float = bounded(0.05, ge=0)
+    betas: tuple[float, float] = bounded((0.9, 0.999), ge=0, lt=1)
+    warmup_epochs: float = bounded(10.0, ge=0)
+    warmup_lr: float = bounded(1e-6, ge=0)
+    min_lr: float = bounded(1e-5, ge=0)
     schedule: Literal["cosine", "step"] = "cosine"
-    step_epochs: tuple[int, ...] = ()
-    step_gamma: float = 0.1
-    grad_clip: float | None = None
+    step_epochs: tuple[int, ...] = bounded((), ge=1)
+    step_gamma: float = bounded(0.1, gt=0)
+    grad_clip: float | None = bounded(None, gt=0)
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:

@@ -20,17 +20,11 @@ from a2mim.data.fashion_mnist import prepare_fashion_mnist
 from a2mim.data.transforms import eval_transform
 from a2mim.mim import MaskedImageModel, get_preset
 from a2mim.stages import finetune, pretrain
-from a2mim.stages.rundir import init_tags
 from a2mim.train import checkpoint
-from a2mim.train.classify import (
-    AugSampler,
-    create_classifier,
-    load_classifier,
-    load_encoder,
-    rng_scope,
-    topk_correct,
-)
+from a2mim.train.classify import AugSampler, load_classifier, rng_scope, topk_correct
+from a2mim.train.encoder import create_classifier, load_encoder
 from a2mim.train.optim import OptimConfig, build_scheduler
+from a2mim.train.rundir import init_tags
 from a2mim.train.sampling import EpochSampler
 
 VIT = get_preset("a2mim_vit_tiny")  # vit_tiny_patch16_224, patch 4, depth 6, 32 px

@@ -100,6 +100,24 @@ def test_corrupt_image_is_named_and_can_be_skipped(fmnist, tmp_path):
     assert resolved["derived"]["skipped_images"] == 1
 
 
+def test_skip_corrupt_covers_the_validation_split(fmnist, tmp_path):
+    import shutil
+
+    from a2mim.data.imagefolder import CorruptImageError
+
+    root = tmp_path / "fm"
+    shutil.copytree(fmnist, root)
+    bad = next((root / "val" / "bag").iterdir())
+    bad.write_bytes(bad.read_bytes()[:20])
+    cfg = _cfg(root, epochs=1, figure_images=2, track=False)
+    with pytest.raises(CorruptImageError, match=bad.name):
+        pretrain.run(pretrain.load_config(cfg), tmp_path / "a")
+    assert not (tmp_path / "a" / "resolved_config.yaml").exists()  # refused before any output
+    cfg["data"] = {**cfg["data"], "skip_corrupt": True}
+    pretrain.run(pretrain.load_config(cfg), tmp_path / "b")
+    assert (tmp_path / "b" / "figures" / "recon_ep0001.png").is_file()
+
+
 def _run_cli(cfg_file: Path, out: Path, env) -> subprocess.Popen:
     return subprocess.Popen(
         [

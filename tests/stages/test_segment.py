@@ -32,7 +32,7 @@ from a2mim.mim import MaskedImageModel, get_preset
 from a2mim.models.upernet import build_upernet, load_init, param_groups, slide_logits
 from a2mim.stages import segment
 from a2mim.train import checkpoint
-from a2mim.train.classify import create_classifier
+from a2mim.train.encoder import create_classifier
 
 VIT = get_preset("a2mim_vit_tiny")  # vit_tiny_patch16_224, patch 4, depth 6, 32 px
 

@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import yaml
 
 from a2mim import atomic
 from a2mim.config import ConfigError, to_dict
-from a2mim.tracking import Tracker
+from a2mim.tracking import RUN_ID_FILE, Tracker
 from a2mim.train import checkpoint
 
 # Config fields that describe a run without changing what it computes: a run resumed with other
@@ -90,6 +91,75 @@ def lock_run(out: Path) -> None:
     _RUN_LOCKS[key] = fd
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """What a stage's run folder holds: its resolved ``config`` (the stage's keys), the
+    ``derived`` values, the final ``metrics`` (None until the run finished), the MLflow run id
+    and the weights file downstream stages and analyses read."""
+
+    path: Path
+    stage: str
+    config: dict[str, Any]
+    derived: dict[str, Any]
+    metrics: dict[str, Any] | None
+    mlflow_run_id: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.metrics is not None
+
+    @property
+    def config_hash(self) -> str | None:
+        return self.derived.get("config_hash")
+
+    @property
+    def weights(self) -> Path:
+        """``encoder.pt`` of a pretrain run, ``model.pt`` of the others."""
+        return self.path / ("encoder.pt" if self.stage == "pretrain" else "model.pt")
+
+    @property
+    def init(self) -> dict[str, Any] | None:
+        """The report of the checkpoint that initialised the run (None: from scratch)."""
+        return self.derived.get("init")
+
+    @property
+    def preset(self) -> str | None:
+        """The pre-training preset behind the run's weights (its own, or its init's)."""
+        if self.stage == "pretrain":
+            return self.config["model"]["preset"]
+        return self.init["meta"].get("preset") if self.init else None
+
+
+def read_run(path: str | Path) -> RunRecord:
+    """The :class:`RunRecord` of run folder ``path``; a ``ConfigError`` when it holds no
+    ``resolved_config.yaml``."""
+    path = Path(path)
+    resolved = path / "resolved_config.yaml"
+    if not resolved.is_file():
+        raise ConfigError(f"{path}: not a run folder of an a2mim stage (no resolved_config.yaml)")
+    data = dict(yaml.safe_load(resolved.read_text()) or {})
+    stage = str(data.pop("stage", "unknown"))
+    derived = dict(data.pop("derived", None) or {})
+    metrics_path, run_id_path = path / "metrics.json", path / RUN_ID_FILE
+    return RunRecord(
+        path=path,
+        stage=stage,
+        config=data,
+        derived=derived,
+        metrics=json.loads(metrics_path.read_text()) if metrics_path.is_file() else None,
+        mlflow_run_id=run_id_path.read_text().strip() if run_id_path.is_file() else None,
+    )
+
+
+def finished_hash(out: Path) -> str | None:
+    """The config hash of the finished run in ``out``, or None: a folder without a checkpoint
+    may still hold a run's results, which another config must not overwrite."""
+    if not (out / "resolved_config.yaml").is_file():
+        return None
+    record = read_run(out)
+    return record.config_hash if record.finished else None
+
+
 def open_run(
     stage: str,
     cfg: Any,
@@ -109,10 +179,12 @@ def open_run(
         lock_run(out)
     ckpt_path = out / "checkpoint.pt"
     state = checkpoint.load(ckpt_path) if ckpt_path.exists() else None
-    if state is not None and state["config_hash"] != derived["config_hash"]:
+    recorded = state["config_hash"] if state is not None else finished_hash(out)
+    if recorded is not None and recorded != derived["config_hash"]:
         raise ConfigError(
-            f"{out} holds a run with a different config (hash {state['config_hash']} vs "
-            f"{derived['config_hash']}); use another --out or delete {ckpt_path}"
+            f"{out} holds a run with a different config (hash {recorded} vs "
+            f"{derived['config_hash']}); use another --out, or delete the folder {out} to "
+            f"start this config over there"
         )
     if state is not None and rank == 0:
         print(f"{stage}: resuming from {ckpt_path} at step {state['step']}", flush=True)
