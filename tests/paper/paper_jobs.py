@@ -88,8 +88,8 @@ def paper_matrix(results: Path, roots: dict[str, Path]) -> Matrix:
     return Matrix(config)
 
 
-def _backbone(matrix: Matrix, stage: str, name: str) -> str:
-    """What an init of run ``stage/name`` hands on: the encoder's backbone and its kwargs."""
+def _run_data(matrix: Matrix, stage: str, name: str) -> dict[str, Any]:
+    """The raw config mapping of run ``stage/name``: its recipe with its ``set:`` applied."""
     from a2mim import recipes
     from a2mim.config import load_yaml
 
@@ -101,6 +101,22 @@ def _backbone(matrix: Matrix, stage: str, name: str) -> str:
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = value
+    return data
+
+
+def _caps(matrix: Matrix, stage: str, name: str) -> dict[str, Any]:
+    """`CAPS` of the stage; a run that fixes its ``global_batch`` (gradient accumulation fills it
+    whatever the processes) gets it capped to the images per step too, or one step would
+    accumulate the paper's thousands of images."""
+    caps = dict(CAPS[stage])
+    if _run_data(matrix, stage, name).get("global_batch") is not None:
+        caps["global_batch"] = caps["batch_size"]
+    return caps
+
+
+def _backbone(matrix: Matrix, stage: str, name: str) -> str:
+    """What an init of run ``stage/name`` hands on: the encoder's backbone and its kwargs."""
+    data = _run_data(matrix, stage, name)
     if stage == "pretrain":
         from a2mim.stages.pretrain import load_config
 
@@ -141,6 +157,8 @@ def distinct_jobs(matrix: Matrix) -> list[Job]:
                 init = representative[split_init(spec["init"])]
                 weights = "encoder.pt" if init[0] == "pretrain" else "model.pt"
                 argv += ["--init", f"{matrix.run_dir(*init)}/{weights}"]
-            jobs[key] = Job(stage, name, init=init, paper_argv=argv, caps=dict(CAPS[stage]))
+            jobs[key] = Job(
+                stage, name, init=init, paper_argv=argv, caps=_caps(matrix, stage, name)
+            )
             representative[(stage, name)] = (stage, name)
     return list(jobs.values())
