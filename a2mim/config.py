@@ -108,6 +108,7 @@ class RunConfig:
     seed: int = bounded(0, ge=0)
     deterministic: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False  # torch.compile the trained module (slow to start; off on CPU)
     ckpt_every_steps: int = bounded(500, ge=1)
     log_every_steps: int = bounded(10, ge=1)
     progress: bool = True

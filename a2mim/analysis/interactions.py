@@ -43,10 +43,14 @@ Two implementations
 (pair, order, context) in fixed fp32 chunks of 64, like the reference tool. It is the baseline.
 :func:`interaction_strength` evaluates each *distinct* masked input of an image once (exact
 deduplication of the boolean player masks), under ``torch.inference_mode``, with channels-last
-inputs, larger chunks and, for CNNs, batch-norm folded into the preceding convolution of a
-private copy of the model (``torch.fx`` conv-bn fusion; models that cannot be traced are used
-unchanged). It samples the same pairs and contexts; its estimates differ from the baseline only by
-fp32 rounding (other batch compositions, folded batch-norm): ``|I_fast(m) - I_ref(m)| <= 1e-4 *
+inputs, larger chunks and, for CNNs, a private copy of the model (``torch.fx``; models that cannot
+be traced are used unchanged) in which batch-norm is folded into the preceding convolution and
+every convolution whose input is only a few cells wide (ResNet's last stages at low resolution:
+2x2 and 1x1 maps, mostly zero padding for a 3x3 kernel) becomes the one dense matrix it is on that
+input size, where that takes fewer multiply-adds than the convolution. At 224 px no ResNet or
+ConvNeXt convolution qualifies, so this only matters for small inputs. It samples the same pairs
+and contexts; its estimates differ from the baseline only by fp32 rounding (other batch
+compositions, folded batch-norm, another summation order): ``|I_fast(m) - I_ref(m)| <= 1e-4 *
 max_m I_ref(m) + 1e-6`` (:data:`FAST_VS_REFERENCE_TOLERANCE`), checked in the tests. Optional
 bf16 autocast (``bf16=True``) is faster on CPUs with bf16 units but is *not* covered by that
 tolerance: the interaction is a difference of four nearly equal scores and bf16 rounding of the
@@ -61,6 +65,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -340,6 +345,7 @@ def interaction_strength(
     device: str | torch.device | None = None,
     state_path: str | os.PathLike[str] | None = None,
     fold_batchnorm: bool = True,
+    dense_small_convs: bool = True,
     channels_last: bool = True,
     bf16: bool = False,
 ) -> InteractionResult:
@@ -354,16 +360,29 @@ def interaction_strength(
         fold_batchnorm: evaluate a private ``torch.fx`` copy of the model with eval-mode
             batch-norm folded into the preceding convolutions (falls back to the model itself, with
             a warning, when it cannot be traced).
+        dense_small_convs: in that copy, replace each ``nn.Conv2d`` by the equivalent dense
+            matrix on its (fixed) input size where that needs fewer multiply-adds
+            (see the module docstring).
         channels_last: feed channels-last inputs (faster convolutions on CPU).
         bf16: autocast to bfloat16 (not covered by :data:`FAST_VS_REFERENCE_TOLERANCE`).
 
     Returns:
         :class:`InteractionResult`; ``n_forwards`` counts distinct masked inputs evaluated.
     """
-    forward_model = _fold_batchnorm(model) if fold_batchnorm else model
+    folded = _fold_batchnorm(model) if fold_batchnorm else model
+    # a model that could not be traced for folding is not traced again (one warning)
+    fold_failed = fold_batchnorm and folded is model and _has_batchnorm(model)
+    densify = dense_small_convs and not fold_failed
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    built: dict[tuple[int, ...], nn.Module] = {}  # per input shape (dense matrices depend on it)
 
     def evaluate(img_chw: Tensor, label: Tensor, plan: InteractionPlan) -> tuple[Tensor, int]:
+        shape = tuple(img_chw.shape)
+        if shape not in built:
+            built[shape] = (
+                _dense_small_convs(folded, img_chw[None], warn_stacklevel=4) if densify else folded
+            )
+        forward_model = built[shape]
         masked_rn = plan.masked_ocpqn.reshape(-1, sampling.n_players)
         first_u, inverse_r = _unique_rows(masked_rn)
         unique_un = masked_rn[first_u].to(img_chw.device)
@@ -392,6 +411,7 @@ def interaction_strength(
         settings={
             "chunk_size": chunk_size,
             "fold_batchnorm": fold_batchnorm,
+            "dense_small_convs": dense_small_convs,
             "channels_last": channels_last,
             "bf16": bf16,
         },
@@ -421,11 +441,89 @@ def _unique_rows(rows_rn: Tensor) -> tuple[Tensor, Tensor]:
     return first_u, inverse_r
 
 
+class _DenseConv(nn.Module):
+    """A convolution on one fixed input size as one dense matrix: ``(B, C, H, W)`` ->
+    ``(B, C', H', W')`` by ``x.flatten(1) @ weight.T + bias``; same map, other summation order."""
+
+    def __init__(self, conv: nn.Conv2d, in_chw: tuple[int, int, int]) -> None:
+        super().__init__()
+        c, h, w = in_chw
+        weight, bias = conv.weight.detach(), conv.bias
+        with torch.no_grad():
+            basis_kchw = torch.eye(c * h * w, dtype=weight.dtype, device=weight.device)
+            response_kdhw = F.conv2d(
+                basis_kchw.reshape(-1, c, h, w),
+                weight,
+                None,
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                conv.groups,
+            )
+        self.out_chw = tuple(response_kdhw.shape[1:])
+        self.register_buffer("weight", response_kdhw.reshape(c * h * w, -1).t().contiguous())
+        bias_d = torch.zeros_like(weight[:, 0, 0, 0]) if bias is None else bias.detach()
+        self.register_buffer("bias", bias_d[:, None, None].expand(self.out_chw).flatten().clone())
+
+    def forward(self, x_bchw: Tensor) -> Tensor:
+        y_bn = F.linear(x_bchw.reshape(len(x_bchw), -1), self.weight, self.bias)
+        return y_bn.reshape(len(x_bchw), *self.out_chw)
+
+
+_DENSE_MAX_INPUTS = 4096  # at most c*h*w inputs per densified convolution (bounds its matrix)
+
+
+def _dense_small_convs(
+    model: nn.Module, example_bchw: Tensor, warn_stacklevel: int = 2
+) -> nn.Module:
+    """A ``torch.fx`` copy of ``model`` whose ``nn.Conv2d`` layers become dense matrices on the
+    input sizes seen for ``example_bchw`` wherever that needs no more multiply-adds than the
+    convolution and the input has at most 4096 values (e.g. a 3x3 convolution on a 1x1 or 2x2
+    map, where most of its taps hit zero padding). Only valid for inputs of that size; the
+    model itself is never changed. Falls back to ``model`` with a warning if it cannot be traced.
+    """
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    if not any(type(m) is nn.Conv2d for m in model.modules()):
+        return model
+    try:
+        graph_module = torch.fx.symbolic_trace(model)
+        with torch.no_grad():
+            ShapeProp(graph_module).propagate(example_bchw)
+    except Exception as error:  # tracing failures come in many exception types
+        warnings.warn(
+            f"could not trace the model to densify small convolutions ({type(error).__name__}: "
+            f"{error}); evaluating it unchanged (pass dense_small_convs=False to silence this)",
+            stacklevel=warn_stacklevel,
+        )
+        return model
+    modules = dict(graph_module.named_modules())
+    for node in graph_module.graph.nodes:
+        conv = modules.get(node.target) if node.op == "call_module" else None
+        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
+            continue
+        in_shape = node.args[0].meta["tensor_meta"].shape
+        out_shape = node.meta["tensor_meta"].shape
+        n_in, n_out = math.prod(in_shape[1:]), math.prod(out_shape[1:])
+        conv_macs = n_out * conv.weight[0].numel()
+        if n_in > _DENSE_MAX_INPUTS or n_in * n_out > conv_macs:
+            continue
+        parent, _, name = node.target.rpartition(".")
+        owner = graph_module.get_submodule(parent) if parent else graph_module
+        setattr(owner, name, _DenseConv(conv, tuple(in_shape[1:])))
+    graph_module.recompile()
+    return graph_module
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def _fold_batchnorm(model: nn.Module) -> nn.Module:
     """A traced copy of ``model`` with eval-mode conv + batch-norm pairs folded, or ``model``."""
     from torch.fx.experimental.optimization import fuse
 
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if not _has_batchnorm(model):
         return model
     was_training = model.training
     model.eval()

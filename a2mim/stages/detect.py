@@ -322,19 +322,26 @@ def evaluate_detector(
             preds = model(images)
         results += to_coco_results(preds, [dataset.ids[i] for i in idx], dataset)
     model.train(was_training)
+    if world > 1:  # COCOeval on rank 0 only; the others get its metrics
+        gathered: list[Any] | None = [None] * world if rank == 0 else None
+        torch.distributed.gather_object(results, gathered, dst=0)
+        results = [r for part in gathered for r in part] if rank == 0 else []
+    metrics: dict[str, float] | None = None
+    if rank == 0:
+        ids = dataset.ids[:count]
+        gt = dataset.coco if count == len(dataset) else _subset_coco(dataset.coco, ids)
+        ap = coco_evaluate(gt, results)
+        metrics = {
+            f"{METRIC_NAMES[name]}_{IOU_SUFFIX[iou]}": value
+            for key, value in ap.items()
+            for iou, name in [key.split("/")]
+        }
+        metrics["detections"] = float(len(results))
     if world > 1:
-        gathered: list[Any] = [None] * world
-        torch.distributed.all_gather_object(gathered, results)
-        results = [r for part in gathered for r in part]
-    ids = dataset.ids[:count]
-    gt = dataset.coco if count == len(dataset) else _subset_coco(dataset.coco, ids)
-    ap = coco_evaluate(gt, results)
-    metrics = {
-        f"{METRIC_NAMES[name]}_{IOU_SUFFIX[iou]}": value
-        for key, value in ap.items()
-        for iou, name in [key.split("/")]
-    }
-    return {**metrics, "detections": float(len(results))}
+        box = [metrics]
+        torch.distributed.broadcast_object_list(box, src=0)
+        metrics = box[0]
+    return metrics
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -447,6 +454,7 @@ class DetectTask(engine.Task):
     COCOeval every ``eval_every_steps`` and at the end."""
 
     stage = "detect"
+    static_shapes = False  # images keep their aspect ratio: no cudnn.benchmark
     loss_format = ".3f"
     nonfinite_hint = (
         "lower solver.base_lr, lengthen the warm-up, or use norm: bn when training from scratch"

@@ -50,6 +50,14 @@ from a2mim.config import (
     bounded,
     from_dict,
 )
+from a2mim.data.device_pipeline import (
+    CropRecipe,
+    DeviceAugment,
+    DevicePrefetcher,
+    EncodedImages,
+    check_supported,
+    collate_encoded,
+)
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from a2mim.train import checkpoint, engine
@@ -118,6 +126,9 @@ class DataConfig(ImageFolderData):
     test_img_size: int | None = bounded(None, ge=1)
     test_crop_pct: float = bounded(0.875, gt=0, le=1)
     eval_batch_size: int | None = bounded(None, ge=1)
+    # pil: timm's transform in DataLoader workers (the reference); device: decode, crop, flip and
+    # random erasing on the training device (a2mim.data.device_pipeline; no RandAugment there)
+    pipeline: Literal["pil", "device"] = "pil"
 
 
 @dataclass(frozen=True)
@@ -185,7 +196,26 @@ def load_config(data: dict[str, Any], where: str = "config") -> FinetuneConfig:
     check_timm_optim(cfg.optim.opt, cfg.optim.layer_decay, where)
     if cfg.mixup.active and cfg.mixup.mode == "batch" and cfg.batch_size % 2:
         raise ConfigError(f"{where}: Mixup/CutMix in batch mode needs an even batch_size")
+    if cfg.data.pipeline == "device":
+        try:
+            check_supported(cfg.data.auto_augment, cfg.data.color_jitter)
+            _device_recipe(cfg)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: data.pipeline=device: {exc}") from None
     return cfg
+
+
+def _device_recipe(cfg: FinetuneConfig) -> CropRecipe:
+    d = cfg.data
+    return CropRecipe(
+        cfg.model.img_size,
+        d.scale,
+        interpolation=d.interpolation,
+        hflip=d.hflip,
+        reprob=d.reprob,
+        remode=d.remode,
+        recount=d.recount,
+    )
 
 
 def build_model(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict | None]:
@@ -305,6 +335,7 @@ class ClassifyTask(engine.Task):
     `AugSampler` order, top-1/top-5 evaluation every ``eval_every_epochs`` epochs."""
 
     repeats = 1
+    augment: DeviceAugment | None = None  # data.pipeline: device (fine-tuning only)
 
     def test_size(self) -> int:
         return self.cfg.model.img_size
@@ -329,7 +360,6 @@ class ClassifyTask(engine.Task):
         return {
             "num_images": len(self.train_set),
             "num_val_images": len(self.val_set),
-            "skipped_images": len(self.train_set.skipped) + len(self.val_set.skipped),
             "num_classes": self.num_classes,
             "classes": list(self.train_set.classes),
         }
@@ -342,7 +372,31 @@ class ClassifyTask(engine.Task):
 
     def batches(self, step: int):
         num = len(self.train_set)
-        return self.epoch_batches(step, self.seeded, num, AugSampler, sampler_repeats=self.repeats)
+        if self.augment is None:
+            return self.epoch_batches(
+                step, self.seeded, num, AugSampler, sampler_repeats=self.repeats
+            )
+        raw = self.epoch_batches(
+            step,
+            self.encoded,
+            num,
+            AugSampler,
+            sampler_repeats=self.repeats,
+            collate_fn=collate_encoded,
+        )
+        steps = self.steps
+        keys = [
+            (s, m) for s in range(step, steps.segment_end(step)) for m in range(steps.accum_steps)
+        ]
+        # the next micro-batch is decoded and cropped on the device while this one trains
+        pairs = zip(keys, raw, strict=False)  # keys: exactly this segment's micro-batches
+        return iter(DevicePrefetcher(pairs, self._augment_batch, self.ctx.device))
+
+    def _augment_batch(self, key_and_batch) -> tuple[torch.Tensor, torch.Tensor]:
+        (step, micro), (data, target_b, index_b) = key_and_batch
+        gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, 4, step, micro, self.ctx.rank))
+        paths = [self.train_set.samples[i][0] for i in index_b.tolist()]
+        return self.augment(data, gen, paths), target_b.to(self.ctx.device, non_blocking=True)
 
     def to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         img_bchw, target_b = batch
@@ -438,6 +492,11 @@ class FinetuneTask(ClassifyTask):
             )
         self.loss_fn = build_loss(cfg.loss, self.mixup is not None)
         self.seeded = AugmentedDataset(self.train_set, train_transform(cfg), cfg.seed)
+        self.augment = None
+        if cfg.data.pipeline == "device":
+            on_corrupt = cfg.data.on_corrupt
+            self.augment = DeviceAugment(_device_recipe(cfg), device, on_corrupt=on_corrupt)
+            self.encoded = EncodedImages(self.train_set)
 
     def derived(self) -> dict[str, Any]:
         groups = self.optimizer.param_groups

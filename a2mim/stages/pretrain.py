@@ -18,12 +18,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from a2mim.analysis.reconstruction import reconstruction_panels, save_reconstruction_figure
 from a2mim.config import ConfigError, CropFlipData, RunConfig, bounded, from_dict, to_dict
+from a2mim.data.device_pipeline import (
+    CropRecipe,
+    DeviceAugment,
+    DevicePrefetcher,
+    EncodedImages,
+    collate_encoded,
+)
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import eval_transform, pretrain_transform
 from a2mim.mim import MaskedImageModel, MIMConfig, get_preset
@@ -48,6 +55,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig(CropFlipData):
     crop_scale: tuple[float, float] = bounded((0.67, 1.0), gt=0, le=1)  # SimMIM / A2MIM
+    # pil: decode + augment in DataLoader workers (the reference); device: workers read bytes,
+    # decode (nvJPEG) and crop on the training device (a2mim.data.device_pipeline)
+    pipeline: Literal["pil", "device"] = "pil"
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,13 @@ class PretrainTask(engine.Task):
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, steps.total, steps.per_epoch)
         transform = pretrain_transform(self.mim_cfg.img_size, cfg.data.crop_scale, cfg.data.hflip)
         self.seeded = SeededDataset(self.dataset, transform, cfg.seed)
+        self.augment = None
+        if cfg.data.pipeline == "device":
+            recipe = CropRecipe(
+                self.mim_cfg.img_size, cfg.data.crop_scale, hflip=0.5 if cfg.data.hflip else 0.0
+            )
+            self.augment = DeviceAugment(recipe, self.ctx.device, on_corrupt=cfg.data.on_corrupt)
+            self.encoded = EncodedImages(self.dataset)
         self.knn = None
         if cfg.knn is not None:
             self.knn = KnnMonitor(cfg.knn, cfg.data, self.mim_cfg, self.ctx)
@@ -106,7 +123,6 @@ class PretrainTask(engine.Task):
     def derived(self) -> dict[str, Any]:
         return {
             "num_images": len(self.dataset),
-            "skipped_images": len(self.dataset.skipped),
             "mim": to_dict(self.mim_cfg),
         }
 
@@ -118,12 +134,27 @@ class PretrainTask(engine.Task):
         return {"model": self.model.state_dict(), "torch_rng": torch.get_rng_state()}
 
     def batches(self, step: int):
-        return self.epoch_batches(step, self.seeded, len(self.dataset))
+        if self.augment is None:
+            return self.epoch_batches(step, self.seeded, len(self.dataset))
+        num, steps = len(self.dataset), self.steps
+        raw = self.epoch_batches(step, self.encoded, num, collate_fn=collate_encoded)
+        keys = [
+            (s, m) for s in range(step, steps.segment_end(step)) for m in range(steps.accum_steps)
+        ]
+        # the next micro-batch is decoded and cropped on the device while this one trains
+        pairs = zip(keys, raw, strict=False)  # keys: exactly this segment's micro-batches
+        return iter(DevicePrefetcher(pairs, self._augment_batch, self.ctx.device))
+
+    def _augment_batch(self, key_and_batch) -> torch.Tensor:
+        (step, micro), (data, _, index_b) = key_and_batch
+        gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, 4, step, micro, self.ctx.rank))
+        paths = [self.dataset.samples[i][0] for i in index_b.tolist()]
+        return self.augment(data, gen, paths)
 
     def loss(self, train_model, batch, step, micro):
         ctx = self.ctx
-        img, _ = batch
-        img = img.to(ctx.device, non_blocking=True)
+        # the device path's batches are already on the device (see batches)
+        img = batch if self.augment is not None else batch[0].to(ctx.device, non_blocking=True)
         if self.cfg.channels_last:
             img = img.contiguous(memory_format=torch.channels_last)
         mask_bgg = _micro_masks(

@@ -167,6 +167,7 @@ class Task:
     the cadence hooks. The defaults fit a task whose :attr:`model` is the trained module."""
 
     stage: str = "stage"
+    static_shapes = True  # every batch has one shape: cudnn.benchmark when not deterministic
     loss_format = ".4f"
     nonfinite_hint = "lower the lr or disable fp16"
     model: nn.Module
@@ -176,6 +177,7 @@ class Task:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+        self._loaders: dict[int, tuple[_OrderSlot, DataLoader]] = {}  # by dataset object
         self.ctx: Context  # set by the engine before prepare
         self.steps: Steps  # set by the engine after prepare
         self.config_hash: str  # set by the engine before the run folder opens
@@ -240,17 +242,24 @@ class Task:
             usable=steps.per_epoch * steps.global_batch,
             **{k.removeprefix("sampler_"): v for k, v in kw.items() if k.startswith("sampler_")},
         )
-        loader_kw = {k: v for k, v in kw.items() if not k.startswith("sampler_")}
-        return iter(
-            DataLoader(
+        if id(dataset) not in self._loaders:  # one loader per dataset: workers persist
+            loader_kw = {k: v for k, v in kw.items() if not k.startswith("sampler_")}
+            slot = _OrderSlot()
+            workers = cfg.data.num_workers
+            loader = DataLoader(
                 dataset,
                 batch_size=cfg.batch_size,
-                sampler=order,
-                num_workers=cfg.data.num_workers,
+                sampler=slot,
+                num_workers=workers,
                 drop_last=True,
+                persistent_workers=workers > 0,
+                pin_memory=ctx.device.type == "cuda",  # for the loops' non_blocking copies
                 **loader_kw,
             )
-        )
+            self._loaders[id(dataset)] = (slot, loader)
+        slot, loader = self._loaders[id(dataset)]
+        slot.order = order
+        return iter(loader)
 
     def train_mode(self) -> None:
         self.model.train()
@@ -305,6 +314,20 @@ class Task:
         return []
 
 
+class _OrderSlot(torch.utils.data.Sampler):
+    """The sampler of a persistent DataLoader: iterates the order set last (a DataLoader's
+    sampler cannot be replaced, and rebuilding the loader would restart its workers)."""
+
+    def __init__(self) -> None:
+        self.order: Any = ()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
 def _deterministic(device: torch.device) -> None:
     torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     torch.backends.cudnn.benchmark = False
@@ -347,6 +370,8 @@ def train(task: Task, out_dir: str | Path, stop_after_steps: int | None = None) 
     device = resolve_device(cfg.device)
     if cfg.deterministic:
         _deterministic(device)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = task.static_shapes  # fastest kernels for the shapes
     task.ctx = Context(out, rank, world, device, AMP_DTYPES[cfg.amp])
     task.steps = steps = task.prepare(accumulation(cfg, world))
     torch.manual_seed(cfg.seed)
@@ -380,6 +405,8 @@ class _Loop:
         self.ctx, self.steps = task.ctx, task.steps
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=task.cfg.amp == "fp16")
         self.train_model = self.ctx.ddp(task.train_module())
+        if task.cfg.compile:  # the loss's forward, compiled (torch.compile, inductor)
+            self.train_model = torch.compile(self.train_model)
         self.log: steplog.TrainLog
 
     def save(self, done: int, eval_pending: bool = False) -> None:

@@ -336,3 +336,49 @@ def test_bad_arguments_are_explained():
         interaction_strength(tiny_cnn(), torch.zeros(2, 3, 16, 16), torch.tensor([0]), sampling)
     with pytest.raises(ValueError, match="at least 2 classes"):
         log_odds(torch.zeros(3, 1), torch.zeros(3, dtype=torch.long))
+
+
+def small_map_cnn(n_classes=5):
+    """Strided convolutions down to 2x2 and 1x1 maps on 16 px inputs (3x3 kernels, padding 1)."""
+    torch.manual_seed(9)
+    layers = [nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+    for c_in, c_out in ((8, 16), (16, 32), (32, 32)):  # 8x8 -> 4x4 -> 2x2 -> 1x1
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.ReLU()]
+    layers += [nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten()]
+    layers += [nn.Linear(32, n_classes)]
+    model = nn.Sequential(*layers)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            module.weight.data.mul_(3.0)  # strong non-linearity: interactions well above 1e-6
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_small_convolutions_become_dense_matrices_with_the_same_output():
+    from a2mim.analysis.interactions import _dense_small_convs, _DenseConv
+
+    model = small_map_cnn()
+    x_bchw = torch.randn(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    dense = _dense_small_convs(model, x_bchw[:1])
+    replaced = [name for name, m in dense.named_modules() if isinstance(m, _DenseConv)]
+    # 16->8, 8->4, 4->2 stay (as matrices: 131k, 33k, 33k multiply-adds > the convolutions'
+    # 18k, 18k, 18k); 2->1 (4k < 9k) and 1->1 (1k < 9k) become matrices
+    assert replaced == ["7", "9"]
+    assert type(model[7]) is nn.Conv2d and type(model[9]) is nn.Conv2d  # model untouched
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x_bchw), model(x_bchw), rtol=1e-5, atol=1e-6)
+
+
+def test_fast_with_dense_convolutions_matches_reference():
+    model = small_map_cnn()
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([0, 2])
+    sampling = InteractionSampling(grid=GRID, n_pairs=20, n_contexts=3, seed=2)
+    reference = interaction_strength_reference_batched(model, images, labels, sampling)
+    fast = interaction_strength(model, images, labels, sampling)
+    rtol, atol = FAST_VS_REFERENCE_TOLERANCE
+    bound = rtol * float(reference.strength_o.max()) + atol
+    assert (fast.pair_interaction_bop - reference.pair_interaction_bop).abs().max() <= bound
+    assert reference.strength_o.min() > 100 * bound  # the comparison is not vacuous

@@ -72,20 +72,80 @@ def tree(tmp_path: Path) -> dict[str, object]:
     return {"root": root, "good": good, "bad": sorted([str(truncated), str(not_image)])}
 
 
-def test_corrupt_error_names_files(tree: dict) -> None:
+SKIP_SETTING = "data.skip_corrupt: true"
+
+
+def test_indexing_opens_no_image(tree: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building the dataset lists folders only: no PIL open, no open() of any image file."""
+    opened: list[str] = []
+
+    def no_pil_open(path, *args, **kwargs):
+        opened.append(str(path))
+        raise AssertionError(f"PIL.Image.open({path}) while indexing")
+
+    real_open = open
+
+    def counting_open(path, *args, **kwargs):
+        if str(path).lower().endswith((".png", ".jpg", ".jpeg")):
+            opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", no_pil_open)
+    monkeypatch.setattr("builtins.open", counting_open)
+    ds = ImageFolderDataset(tree["root"], "train")
+    assert opened == []
+    assert len(ds) == 7 and ds.skipped == []  # corrupt files are found when read, not now
+    monkeypatch.undo()
+    assert isinstance(ds[0][0], Image.Image)  # reading does open the file
+
+
+def test_corrupt_file_is_named_when_read(tree: dict) -> None:
+    ds = ImageFolderDataset(tree["root"], "train")
+    index = {path: i for i, (path, _) in enumerate(ds.samples)}
+    for path in tree["bad"]:
+        with pytest.raises(CorruptImageError) as err:
+            ds[index[path]]
+        message = str(err.value)
+        assert path in message and err.value.paths == [path]
+        assert SKIP_SETTING in message and "--set data.skip_corrupt=true" in message
+        assert "--skip-corrupt" not in message  # no such option
+
+
+def test_verify_names_every_corrupt_file(tree: dict) -> None:
+    ds = ImageFolderDataset(tree["root"], "train")
     with pytest.raises(CorruptImageError) as err:
-        ImageFolderDataset(tree["root"], "train")
+        ds.verify()
     message = str(err.value)
     for path in tree["bad"]:
         assert path in message
     assert "2 of 7 image(s)" in message
-    assert 'on_corrupt="skip"' in message and "--skip-corrupt" in message
+    assert SKIP_SETTING in message and "--skip-corrupt" not in message
     assert sorted(err.value.paths) == tree["bad"]
 
 
-def test_skip_drops_and_reports(tree: dict, caplog: pytest.LogCaptureFixture) -> None:
+def test_skip_on_read_uses_next_sample_and_warns(
+    tree: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    ds = ImageFolderDataset(tree["root"], "train", on_corrupt="skip")
+    paths = [path for path, _ in ds.samples]
+    bad = paths.index(str(tree["root"] / "train" / "cat" / "notes.png"))
     with caplog.at_level(logging.WARNING, logger="a2mim.data.imagefolder"):
-        ds = ImageFolderDataset(tree["root"], "train", on_corrupt="skip")
+        img, target = ds[bad]
+        ds[bad]  # the same file is named once per process
+    following = Image.open(paths[bad + 1]).convert("RGB")
+    np.testing.assert_array_equal(np.asarray(img), np.asarray(following))
+    assert target == ds.samples[bad + 1][1]
+    assert ds.skipped == [paths[bad]]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and paths[bad] in warnings[0]
+    last = paths.index(str(tree["root"] / "train" / "dog" / "z.png"))
+    assert ds[last][1] == 1  # wrap-around still returns a readable sample
+
+
+def test_skip_drops_and_reports(tree: dict, caplog: pytest.LogCaptureFixture) -> None:
+    ds = ImageFolderDataset(tree["root"], "train", on_corrupt="skip")
+    with caplog.at_level(logging.WARNING, logger="a2mim.data.imagefolder"):
+        assert sorted(ds.verify()) == tree["bad"]
     assert sorted(ds.skipped) == tree["bad"]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
@@ -106,17 +166,35 @@ def test_skip_drops_and_reports(tree: dict, caplog: pytest.LogCaptureFixture) ->
     assert len(ds) == 5
 
 
+def test_sixteen_bit_grayscale_png_is_scaled_not_clipped(tmp_path: Path) -> None:
+    cls = tmp_path / "root" / "train" / "a"
+    cls.mkdir(parents=True)
+    values = np.array([[0, 257, 1000, 32768], [40000, 65279, 65535, 128]], dtype=np.uint16)
+    path = cls / "deep.png"
+    Image.fromarray(values).save(path)
+    with Image.open(path) as raw:  # a real 16-bit PNG, read back as such
+        assert raw.mode.startswith("I")
+        np.testing.assert_array_equal(np.asarray(raw), values)
+    img, _ = ImageFolderDataset(tmp_path / "root", "train")[0]
+    assert img.mode == "RGB"
+    expected = np.array([[0, 1, 4, 128], [156, 254, 255, 0]], dtype=np.uint8)  # round(v / 257)
+    np.testing.assert_array_equal(np.asarray(img), np.repeat(expected[:, :, None], 3, axis=2))
+
+
 def test_clean_tree_has_no_warning(tree: dict, caplog: pytest.LogCaptureFixture) -> None:
     for path in tree["bad"]:
         Path(path).unlink()
     with caplog.at_level(logging.WARNING):
         ds = ImageFolderDataset(tree["root"], "train", on_corrupt="skip")
+        assert ds.verify() == []
+        [ds[i] for i in range(len(ds))]
     assert ds.skipped == [] and len(ds) == 5
     assert not [r for r in caplog.records if r.name == "a2mim.data.imagefolder"]
 
 
 def test_getitem_returns_rgb_pil(tree: dict) -> None:
     ds = ImageFolderDataset(tree["root"], "train", on_corrupt="skip")
+    ds.verify()
     for index, (path, target) in enumerate(ds.samples):
         img, got_target = ds[index]
         assert isinstance(img, Image.Image) and img.mode == "RGB"
@@ -132,6 +210,7 @@ def test_getitem_applies_transform(tree: dict) -> None:
     ds = ImageFolderDataset(
         tree["root"], "train", transform=eval_transform(16, 1.0), on_corrupt="skip"
     )
+    ds.verify()
     img_chw, target = ds[0]
     assert isinstance(img_chw, torch.Tensor)
     assert img_chw.shape == (3, 16, 16) and img_chw.dtype == torch.float32
@@ -150,12 +229,28 @@ def test_decode_failure_in_getitem(tmp_path: Path, on_corrupt: str) -> None:
     broken = cls / "1.png"
     broken.write_bytes(undecodable_png())
     ds = ImageFolderDataset(tmp_path / "root", "val", on_corrupt=on_corrupt)
-    assert len(ds) == 2 and ds.skipped == []  # passes the cheap verify pass
+    assert ds.verify() == [] and len(ds) == 2  # passes the cheap verify pass
     ds[0]
-    with pytest.raises(CorruptImageError, match="fails to decode") as err:
-        ds[1]
+    with pytest.raises(CorruptImageError, match="corrupt or unreadable") as err:
+        ds.load_image(1)
     assert str(broken) in str(err.value)
     assert err.value.paths == [str(broken)]
+    if on_corrupt == "error":
+        with pytest.raises(CorruptImageError, match=str(broken)):
+            ds[1]
+    else:
+        assert ds[1][0].tobytes() == ds[0][0].tobytes()  # wrapped round to sample 0
+        assert ds.skipped == [str(broken)]
+
+
+def test_all_corrupt_with_skip_raises(tmp_path: Path) -> None:
+    cls = tmp_path / "root" / "train" / "a"
+    cls.mkdir(parents=True)
+    for i in range(2):
+        (cls / f"bad{i}.png").write_bytes(b"junk")
+    ds = ImageFolderDataset(tmp_path / "root", "train", on_corrupt="skip")
+    with pytest.raises(CorruptImageError, match="every one of the 2 image"):
+        ds[0]
 
 
 def test_many_corrupt_files_are_summarised(tmp_path: Path) -> None:
@@ -164,8 +259,9 @@ def test_many_corrupt_files_are_summarised(tmp_path: Path) -> None:
     (cls / "good.png").write_bytes(png_bytes(gray(0)))
     for i in range(8):
         (cls / f"bad{i}.png").write_bytes(b"junk")
+    ds = ImageFolderDataset(tmp_path / "root", "train")
     with pytest.raises(CorruptImageError, match="and 3 more") as err:
-        ImageFolderDataset(tmp_path / "root", "train")
+        ds.verify()
     assert len(err.value.paths) == 8
 
 
@@ -174,8 +270,9 @@ def test_skip_that_empties_a_class_raises(tmp_path: Path) -> None:
     (tmp_path / "r" / "train" / "b").mkdir(parents=True)
     (tmp_path / "r" / "train" / "a" / "x.png").write_bytes(png_bytes(gray(0)))
     (tmp_path / "r" / "train" / "b" / "y.png").write_bytes(b"junk")
+    ds = ImageFolderDataset(tmp_path / "r", "train", on_corrupt="skip")
     with pytest.raises(CorruptImageError, match=r"class\(es\) b .* no images left"):
-        ImageFolderDataset(tmp_path / "r", "train", on_corrupt="skip")
+        ds.verify()
 
 
 def test_missing_root_and_split(tmp_path: Path) -> None:
