@@ -109,6 +109,9 @@ class RunConfig:
     deterministic: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False  # torch.compile the trained module (slow to start; off on CPU)
+    # Stop after this many optimizer steps, then evaluate and save as at the end; the schedule
+    # stays the full run's (smoke and paper-geometry checks). null: the whole run.
+    max_steps: int | None = bounded(None, ge=1)
     ckpt_every_steps: int = bounded(500, ge=1)
     log_every_steps: int = bounded(10, ge=1)
     progress: bool = True

@@ -622,7 +622,7 @@ class DetectTask(engine.Task):
             cfg.data.val_limit,
             evaluators=evaluators,
         )
-        if done == self.steps.total and self.ctx.rank == 0 and evaluators:  # paired statistics
+        if done == self.steps.end and self.ctx.rank == 0 and evaluators:  # paired statistics
             found = predictions.detection_from_cocoeval(evaluators, stage="detect", step=done)
             predictions.write(predictions.path_of(self.ctx.out), found)
         return row

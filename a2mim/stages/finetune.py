@@ -341,6 +341,11 @@ class ClassifyTask(engine.Task):
     def test_size(self) -> int:
         return self.cfg.model.img_size
 
+    @property
+    def epochs_run(self) -> int:
+        """The epochs this run trains: ``epochs``, fewer when ``max_steps`` stops it early."""
+        return self.steps.end // self.steps.per_epoch
+
     def prepare(self, accum_steps: int) -> engine.Steps:
         cfg = self.cfg
         require_init(cfg.init)
@@ -546,7 +551,7 @@ class FinetuneTask(ClassifyTask):
 
     def evaluate(self, done: int) -> dict[str, float]:
         res = self.classify(self.model, collect=True)
-        if done // self.steps.per_epoch > self.cfg.epochs - predictions.LAST_EPOCHS:
+        if done // self.steps.per_epoch > self.epochs_run - predictions.LAST_EPOCHS:
             self.save_predictions(done, res)  # the evaluations best_last10 chooses from
         row = {"top1": res["top1"], "top5": res["top5"], "val_loss": res["loss"]}
         if self.ema is not None:
@@ -558,7 +563,7 @@ class FinetuneTask(ClassifyTask):
     def write_final(self, metrics: dict[str, Any]) -> list:
         # top1_final, top1_best_last10 (the authors' rule) and their predictions' artifacts
         metrics |= predictions.finish_classification(
-            self.ctx.out, self.cfg.epochs, metrics, self.tracker, self.steps.total, best_last=True
+            self.ctx.out, self.epochs_run, metrics, self.tracker, self.steps.end, best_last=True
         )
         saved = {"state_dict": self.model.state_dict(), "meta": self.meta()}
         if self.ema is not None:

@@ -179,14 +179,14 @@ class LinprobeTask(ClassifyTask):
 
     def evaluate(self, done: int) -> dict[str, float]:
         res = self.classify(self.probe, collect=True)
-        if done == self.steps.total:
+        if done == self.steps.end:
             self.save_predictions(done, res)  # the final evaluation, for the paired statistics
         return {"top1": res["top1"], "top5": res["top5"], "val_loss": res["loss"]}
 
     def write_final(self, metrics: dict[str, Any]) -> list:
         # top1_final and the final evaluation's predictions (artifact predictions/final.npz)
         metrics |= predictions.finish_classification(
-            self.ctx.out, self.cfg.epochs, metrics, self.tracker, self.steps.total
+            self.ctx.out, self.epochs_run, metrics, self.tracker, self.steps.end
         )
         meta = {**self.meta(), "feature_bn": self.cfg.model.feature_bn}
         saved = {"state_dict": self.probe.state_dict(), "meta": meta}

@@ -194,13 +194,13 @@ class PretrainTask(engine.Task):
 
     def evaluate(self, done: int) -> dict[str, float] | None:
         epochs = done // self.steps.per_epoch
-        figure = epochs % self.cfg.figure_every_epochs == 0 or done == self.steps.total
+        figure = epochs % self.cfg.figure_every_epochs == 0 or done == self.steps.end
         if self.ctx.rank == 0 and figure:
             fig_path = self.ctx.out / "figures" / f"recon_ep{epochs:04d}.png"
             _save_figure(self.model, self.fig_batch, fig_path, self.cfg)
             self.tracker.log_artifact(fig_path, "figures")
         if self.knn is not None and (
-            epochs % self.cfg.knn.every_epochs == 0 or done == self.steps.total
+            epochs % self.cfg.knn.every_epochs == 0 or done == self.steps.end
         ):
             return self.knn.evaluate(self.model.encoder_state_dict())
         return None

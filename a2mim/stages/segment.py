@@ -568,7 +568,7 @@ class SegmentTask(engine.Task):
     def evaluate(self, done: int) -> dict[str, float]:
         broadcast_buffers(self.model)  # every shard is evaluated with the statistics rank 0 saves
         loader = engine.interruptible(self.val_loader)
-        ctx, per_image = self.ctx, [] if done == self.steps.total else None
+        ctx, per_image = self.ctx, [] if done == self.steps.end else None
         self.result = evaluate(self.model, loader, self.cfg, ctx.device, ctx.amp_dtype, per_image)
         if per_image is not None:  # the final evaluation, for the paired statistics
             ids = [Path(image).stem for image, _ in self.val_set.samples]

@@ -29,6 +29,7 @@ draw of a step is seeded from ``(seed, step)``, every sample's augmentation from
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterable, Iterator
@@ -101,12 +102,18 @@ class Steps:
     global_batch: int
     accum_steps: int
     per_epoch: int | None
+    stop: int | None = None  # `max_steps`: the run ends here; the schedule still spans `total`
+
+    @property
+    def end(self) -> int:
+        """The step the run ends at: ``total``, or ``max_steps`` when that is fewer."""
+        return self.total if self.stop is None else min(self.stop, self.total)
 
     def segment_end(self, step: int) -> int:
         """The step where the data iterator started at ``step`` ends (its epoch's end)."""
         if self.per_epoch is None:
-            return self.total
-        return min((step // self.per_epoch + 1) * self.per_epoch, self.total)
+            return self.end
+        return min((step // self.per_epoch + 1) * self.per_epoch, self.end)
 
     def epoch(self, done: int) -> float:
         """Epochs done after ``done`` steps (fractional)."""
@@ -374,7 +381,9 @@ def train(task: Task, out_dir: str | Path, stop_after_steps: int | None = None) 
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = task.static_shapes  # fastest kernels for the shapes
     task.ctx = Context(out, rank, world, device, AMP_DTYPES[cfg.amp])
-    task.steps = steps = task.prepare(accumulation(cfg, world))
+    task.steps = steps = dataclasses.replace(
+        task.prepare(accumulation(cfg, world)), stop=cfg.max_steps
+    )
     torch.manual_seed(cfg.seed)
     task.build()
     derived = {
@@ -383,6 +392,7 @@ def train(task: Task, out_dir: str | Path, stop_after_steps: int | None = None) 
         "lr": task.lr,
         **({"steps_per_epoch": steps.per_epoch} if steps.per_epoch is not None else {}),
         "total_steps": steps.total,
+        **({"stop_at_step": steps.end} if steps.end < steps.total else {}),
         "world_size": world,
         **task.derived(),
         "config_hash": config_hash(task.hashed_config()),
@@ -465,19 +475,19 @@ class _Loop:
             task.cfg,
             ctx.out,
             self.tracker,
-            steps.total,
+            steps.end,
             step,
             ctx.rank,
             task.stage,
             loss_format=task.loss_format,
         )
-        if state is not None and state.get("eval_pending") and step < steps.total:
+        if state is not None and state.get("eval_pending") and step < steps.end:
             self.evaluate(step)
-        while step < steps.total:
+        while step < steps.end:
             batches = task.batches(step)
             for step in range(step, steps.segment_end(step)):  # noqa: B020
                 done = self.step(batches, step)
-                if done < steps.total:
+                if done < steps.end:
                     if task.eval_due(done):
                         self.evaluate(done)
                     if done % task.cfg.ckpt_every_steps == 0:
@@ -495,8 +505,8 @@ class _Loop:
                     )
             step = steps.segment_end(step)
         self.log.close()
-        last_eval = self.evaluate(steps.total)
-        self.save(steps.total)
+        last_eval = self.evaluate(steps.end)
+        self.save(steps.end)
         metrics = task.final_metrics(last_eval, self.log.last)
         if ctx.rank == 0:
             artifacts = task.write_final(metrics)
