@@ -205,3 +205,22 @@ def test_derived_values_are_saved_and_logged_as_mlflow_params(tmp_path):
     assert (record.stage, record.finished, record.mlflow_run_id) == ("toy", True, run.info.run_id)
     assert record.derived == derived and record.config["global_batch"] == 8
     assert record.metrics == json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+def test_max_steps_ends_the_run_early_on_the_full_runs_schedule(tmp_path):
+    """`max_steps` stops after that many steps with the final evaluation and outputs; the steps
+    taken are the full run's first ones (same losses, same lr: the schedule spans the run)."""
+    engine.train(ToyTask(_cfg()), tmp_path / "full")
+    short = ToyTask(_cfg(max_steps=5))
+    engine.train(short, tmp_path / "short")
+    assert short.evaluated == [5]  # not an epoch boundary (8): the end's evaluation
+    rows = _lines(tmp_path / "short")
+    full = {row["step"]: row for row in _lines(tmp_path / "full")}
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4, 5]
+    assert all(row["loss"] == full[row["step"]]["loss"] for row in rows if "loss" in row)
+    assert all(row["lr"] == full[row["step"]]["lr"] for row in rows if "lr" in row)
+    assert "val_loss" in json.loads((tmp_path / "short" / "metrics.json").read_text())
+    assert (tmp_path / "short" / "model.pt").is_file()
+    derived = yaml.safe_load((tmp_path / "short" / "resolved_config.yaml").read_text())["derived"]
+    assert (derived["total_steps"], derived["stop_at_step"]) == (24, 5)
+    assert checkpoint.load(tmp_path / "short" / "checkpoint.pt")["step"] == 5
