@@ -17,7 +17,7 @@ import torch
 
 from a2mim import recipes
 from a2mim.backbones import create_backbone
-from a2mim.cli import _set_override
+from a2mim.command import apply_set
 from a2mim.config import load_yaml
 from a2mim.mim import get_preset
 from a2mim.stages import finetune, linprobe
@@ -32,7 +32,7 @@ LOADERS = {"finetune": finetune.load_config, "linprobe": linprobe.load_config}
 def resolved(stage: str, spec: dict):
     data = load_yaml(recipes.resolve(stage, spec["recipe"]))
     for key, value in (spec.get("set") or {}).items():
-        _set_override(data, f"{key}={json.dumps(value)}")
+        apply_set(data, f"{key}={json.dumps(value)}")
     return LOADERS[stage](data, f"{stage}/{spec['recipe']}")
 
 
@@ -44,7 +44,7 @@ def test_paper_run_config_resolves(stage, name):
     assert cfg.scale == "paper"
     # The paper's global batch whatever the GPUs: set, and reachable on the run's resources.
     res = PAPER.resources(stage, name)
-    world = int(res["nodes"]) * int(res["tasks_per_node"])
+    world = res.nodes * res.tasks_per_node
     assert cfg.global_batch is not None
     assert accumulation(cfg, world) * world * cfg.batch_size == cfg.global_batch
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from a2mim import recipes
-from a2mim.cli import _set_override
+from a2mim.command import apply_set
 from a2mim.config import load_yaml
 from a2mim.stages import pretrain
 from a2mim.train.engine import accumulation
@@ -36,7 +36,7 @@ def resolved(name: str) -> pretrain.PretrainConfig:
     spec = RUNS[name]
     data = load_yaml(recipes.resolve("pretrain", spec["recipe"]))
     for key, value in (spec.get("set") or {}).items():
-        _set_override(data, f"{key}={json.dumps(value)}")
+        apply_set(data, f"{key}={json.dumps(value)}")
     return pretrain.load_config(data, f"paper.yaml pretrain/{name}")
 
 
@@ -45,7 +45,7 @@ def global_batch(name: str, cfg: pretrain.PretrainConfig) -> int:
     GPUs paper.yaml gives the run (a whole number of micro-batches per step)."""
     assert cfg.global_batch is not None, f"{name}: the recipe sets no global_batch"
     res = PAPER.resources("pretrain", name)
-    world = int(res["nodes"]) * int(res["tasks_per_node"])
+    world = res.nodes * res.tasks_per_node
     accum = accumulation(cfg, world)
     assert accum * world * cfg.batch_size == cfg.global_batch
     return int(cfg.global_batch)
