@@ -251,7 +251,9 @@ def _figure_batch(cfg: PretrainConfig, mim_cfg: MIMConfig):
         on_corrupt=cfg.data.on_corrupt,
     )
     step = max(1, len(ds) // cfg.figure_images)
-    imgs = torch.stack([ds[i][0] for i in range(0, step * cfg.figure_images, step)][: len(ds)])
+    # at most the split's images (a split smaller than figure_images gives them all)
+    picks = range(0, min(len(ds), step * cfg.figure_images), step)
+    imgs = torch.stack([ds[i][0] for i in picks])
     gen = torch.Generator().manual_seed(mix_seed(cfg.seed, 3))
     return imgs, gen.get_state()
 

@@ -195,3 +195,15 @@ def test_resume_refuses_a_different_config(fmnist, tmp_path):
     with pytest.raises(ConfigError, match="different config"):
         pretrain.run(pretrain.load_config(_cfg(fmnist, epochs=1, seed=1)), tmp_path)
     assert (tmp_path / "resolved_config.yaml").read_text() == before  # the old run's record stays
+
+
+def test_figure_batch_takes_every_image_of_a_split_smaller_than_figure_images(fmnist, tmp_path):
+    import shutil
+
+    root = tmp_path / "fm"
+    shutil.copytree(fmnist, root)
+    for folder in sorted((root / "val").iterdir())[1:]:
+        shutil.rmtree(folder)  # one class of 2 validation images left, 8 figure images asked
+    cfg = pretrain.load_config(_cfg(root, figure_images=8, track=False))
+    imgs, _ = pretrain._figure_batch(cfg, cfg.mim_config())  # was an IndexError
+    assert imgs.shape[0] == 2
