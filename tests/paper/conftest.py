@@ -83,12 +83,14 @@ def paper_runs(paper_data, tmp_path_factory, request) -> PaperRuns:
 
 def _selected(jobs: list[Job], items) -> list[Job]:
     """The jobs the selected tests ask for (``-k``), with the jobs they init from."""
-    wanted = {
+    by_key = {job.key: job for job in jobs}
+    wanted = {  # this folder's tests only: other modules have `key` parameters of their own
         item.callspec.params["key"]
         for item in items
-        if hasattr(item, "callspec") and "key" in item.callspec.params
+        if Path(str(item.path)).parent == Path(__file__).parent
+        and hasattr(item, "callspec")
+        and item.callspec.params.get("key") in by_key
     }
-    by_key = {job.key: job for job in jobs}
     todo = list(wanted)
     while todo:
         job = by_key[todo.pop()]
