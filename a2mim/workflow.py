@@ -363,27 +363,32 @@ class Matrix:
         passed check is remembered in ``cache`` (Snakemake's own ``.snakemake/`` folder), keyed
         by the command, the package's files, whether detectron2 is installed and the state of
         the run's data root and init file; anything that changes one of them checks it again."""
-        from a2mim import command
+        from a2mim import command, preflight
         from a2mim.config import ConfigError
 
         todo = [
-            (f"{stage}.{name}", [stage, *shlex.split(self.stage_args(stage, name))])
+            (f"{stage}.{name}", [stage, *self._argv(stage, name)], self._init_argv(stage, name))
             for stage in STAGES
             for name in self.runs(stage)
         ]
         todo += [
-            (f"analysis.{fig}", ["analyze", fig, *shlex.split(self.figure_args(fig))])
+            (f"analysis.{fig}", ["analyze", fig, *shlex.split(self.figure_args(fig))], None)
             for fig in self.figures()
         ]
         warnings: dict[str, list[str]] = {}
         package = _package_stamp()
-        for where, argv in todo:
-            memo = cache / _check_key(argv, package, dry_run) if cache else None
+        for where, argv, init_argv in todo:
+            key = [*argv, *(init_argv or [])]
+            memo = cache / _check_key(key, package, dry_run) if cache else None
             if memo is not None and memo.is_file():
                 found = json.loads(memo.read_text())
             else:
                 try:
                     found = command.check(argv, require_data=False, require_env=not dry_run)
+                    if init_argv:  # the encoder its init run trains fits this run's backbone
+                        preflight.check_chain(
+                            argv, init_argv, f"init {init_argv[init_argv.index('--out') + 1]}"
+                        )
                 except (ConfigError, FileNotFoundError, ValueError) as exc:
                     config = argv[argv.index("--config") + 1]
                     raise ConfigMatrixError(
@@ -402,6 +407,20 @@ class Matrix:
                 file=sys.stderr,
             )
         return list(warnings)
+
+    def _argv(self, stage: str, name: str) -> list[str]:
+        return [
+            *shlex.split(self.stage_args(stage, name)),
+            *shlex.split(self.init_arg(stage, name)),
+        ]
+
+    def _init_argv(self, stage: str, name: str) -> list[str] | None:
+        """``<stage> <args>`` of the run whose output ``--init`` loads (None without one)."""
+        init = self.runs(stage)[name].get("init")
+        if init is None:
+            return None
+        source, run = split_init(init)
+        return [source, *self._argv(source, run)]
 
     def threads(self, stage: str, name: str) -> int:
         """Cores a job takes from Snakemake's budget: its CPUs when it runs on this machine;
