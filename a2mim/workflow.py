@@ -378,8 +378,7 @@ class Matrix:
         warnings: dict[str, list[str]] = {}
         package = _package_stamp()
         for where, argv, init_argv in todo:
-            key = [*argv, *(init_argv or [])]
-            memo = cache / _check_key(key, package, dry_run) if cache else None
+            memo = cache / _check_key(argv, package, dry_run, init_argv) if cache else None
             if memo is not None and memo.is_file():
                 found = json.loads(memo.read_text())
             else:
@@ -452,11 +451,17 @@ def _path_stamp(text: str) -> str:
     return f"{text}: " + " ".join(str(p.stat().st_mtime_ns) for p in [path, *entries])
 
 
-def _check_key(argv: list[str], package: str, dry_run: bool) -> str:
+def _check_key(
+    argv: list[str], package: str, dry_run: bool, init_argv: list[str] | None = None
+) -> str:
+    """The memo of a run's check: its command, the package, detectron2's presence, the state
+    of its data root and init file, and the command of its init run (as text: what encoder
+    that run trains, `preflight.check_chain`)."""
     paths = [v.split("=", 1)[1].strip('"') for v in argv if v.startswith("data.root=")]
     paths += [argv[i + 1] for i, v in enumerate(argv[:-1]) if v == "--init"]
     d2 = importlib.util.find_spec("detectron2") is not None
-    text = json.dumps([argv, package, dry_run, d2, [_path_stamp(p) for p in paths]])
+    stamps = [_path_stamp(p) for p in paths]
+    text = json.dumps([argv, package, dry_run, d2, stamps, init_argv])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

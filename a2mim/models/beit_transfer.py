@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,11 @@ def resize_rel_pos_table(
         )
     if old == new:
         return table
-    return resize_rel_pos_bias_table(
-        table, new_window_size=new, new_bias_shape=(rows, table.shape[1]), old_window_size=old
-    )
+    with warnings.catch_warnings():  # timm's interpolator: torch indexing deprecation notes
+        warnings.simplefilter("ignore", UserWarning)
+        return resize_rel_pos_bias_table(
+            table, new_window_size=new, new_bias_shape=(rows, table.shape[1]), old_window_size=old
+        )
 
 
 def resample_pos_embed(
