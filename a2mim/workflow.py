@@ -363,31 +363,27 @@ class Matrix:
         passed check is remembered in ``cache`` (Snakemake's own ``.snakemake/`` folder), keyed
         by the command, the package's files, whether detectron2 is installed and the state of
         the run's data root and init file; anything that changes one of them checks it again."""
-        from a2mim import command, preflight
+        from a2mim import command
         from a2mim.config import ConfigError
 
         todo = [
-            (f"{stage}.{name}", [stage, *self._argv(stage, name)], self._init_argv(stage, name))
+            (f"{stage}.{name}", [stage, *shlex.split(self.stage_args(stage, name))])
             for stage in STAGES
             for name in self.runs(stage)
         ]
         todo += [
-            (f"analysis.{fig}", ["analyze", fig, *shlex.split(self.figure_args(fig))], None)
+            (f"analysis.{fig}", ["analyze", fig, *shlex.split(self.figure_args(fig))])
             for fig in self.figures()
         ]
         warnings: dict[str, list[str]] = {}
         package = _package_stamp()
-        for where, argv, init_argv in todo:
-            memo = cache / _check_key(argv, package, dry_run, init_argv) if cache else None
+        for where, argv in todo:
+            memo = cache / _check_key(argv, package, dry_run) if cache else None
             if memo is not None and memo.is_file():
                 found = json.loads(memo.read_text())
             else:
                 try:
                     found = command.check(argv, require_data=False, require_env=not dry_run)
-                    if init_argv:  # the encoder its init run trains fits this run's backbone
-                        preflight.check_chain(
-                            argv, init_argv, f"init {init_argv[init_argv.index('--out') + 1]}"
-                        )
                 except (ConfigError, FileNotFoundError, ValueError) as exc:
                     config = argv[argv.index("--config") + 1]
                     raise ConfigMatrixError(
@@ -407,19 +403,39 @@ class Matrix:
             )
         return list(warnings)
 
-    def _argv(self, stage: str, name: str) -> list[str]:
-        return [
-            *shlex.split(self.stage_args(stage, name)),
-            *shlex.split(self.init_arg(stage, name)),
-        ]
+    def check_chains(self, cache: Path | None = PREFLIGHT_CACHE) -> None:
+        """Before anything ran: every run that starts from another run's encoder (``init``)
+        builds a backbone of the family that run trains (`a2mim.preflight.check_chain`: a
+        reference-ViT, BEiT, pretrain run into a plain-ViT transfer recipe, or the reverse, is a
+        `ConfigMatrixError` naming both and the recipe to use). Once the init file exists, the
+        stage's own pre-flight reads its ``meta`` instead. Passed checks are remembered in
+        ``cache`` (keyed by both commands and the package's files)."""
+        from a2mim import preflight
+        from a2mim.config import ConfigError
 
-    def _init_argv(self, stage: str, name: str) -> list[str] | None:
-        """``<stage> <args>`` of the run whose output ``--init`` loads (None without one)."""
-        init = self.runs(stage)[name].get("init")
-        if init is None:
-            return None
-        source, run = split_init(init)
-        return [source, *self._argv(source, run)]
+        package = _package_stamp()
+        for stage in STAGES:
+            for name, spec in self.runs(stage).items():
+                if spec.get("init") is None:
+                    continue
+                argv = [stage, *shlex.split(self.stage_args(stage, name))]
+                argv += shlex.split(self.init_arg(stage, name))
+                source, run = split_init(spec["init"])
+                init_argv = [source, *shlex.split(self.stage_args(source, run))]
+                text = json.dumps(["chain", argv, init_argv, package])
+                memo = cache / hashlib.sha256(text.encode()).hexdigest()[:32] if cache else None
+                if memo is not None and memo.is_file():
+                    continue
+                try:
+                    preflight.check_chain(argv, init_argv, f"init {spec['init']}")
+                except (ConfigError, FileNotFoundError, ValueError) as exc:
+                    raise ConfigMatrixError(
+                        f"{stage}.{name}: {exc}; fix the run's recipe or its set: in the "
+                        "workflow config"
+                    ) from None
+                if memo is not None:
+                    memo.parent.mkdir(parents=True, exist_ok=True)
+                    memo.write_text("[]")
 
     def threads(self, stage: str, name: str) -> int:
         """Cores a job takes from Snakemake's budget: its CPUs when it runs on this machine;
@@ -451,17 +467,11 @@ def _path_stamp(text: str) -> str:
     return f"{text}: " + " ".join(str(p.stat().st_mtime_ns) for p in [path, *entries])
 
 
-def _check_key(
-    argv: list[str], package: str, dry_run: bool, init_argv: list[str] | None = None
-) -> str:
-    """The memo of a run's check: its command, the package, detectron2's presence, the state
-    of its data root and init file, and the command of its init run (as text: what encoder
-    that run trains, `preflight.check_chain`)."""
+def _check_key(argv: list[str], package: str, dry_run: bool) -> str:
     paths = [v.split("=", 1)[1].strip('"') for v in argv if v.startswith("data.root=")]
     paths += [argv[i + 1] for i, v in enumerate(argv[:-1]) if v == "--init"]
     d2 = importlib.util.find_spec("detectron2") is not None
-    stamps = [_path_stamp(p) for p in paths]
-    text = json.dumps([argv, package, dry_run, d2, stamps, init_argv])
+    text = json.dumps([argv, package, dry_run, d2, [_path_stamp(p) for p in paths]])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

@@ -178,3 +178,26 @@ def test_whole_image_testing_of_a_beit_upernet_is_refused(tmp_path):
         command.check([*argv, "--set", "eval.mode=whole"], require_data=False)
     cfg = load_yaml(recipes.resolve("segment", "upernet_vitb_160k"))
     assert cfg["model"]["backbone"] == BEIT and cfg["eval"]["mode"] == "slide"
+
+
+def test_workflow_checks_each_run_against_its_init_run(tmp_path):
+    import copy
+
+    import yaml
+
+    from a2mim.workflow import ConfigMatrixError, Matrix
+
+    paper = yaml.safe_load((Path(__file__).parents[2] / "workflow/config/paper.yaml").read_text())
+    config = {k: v for k, v in paper.items() if k not in STAGE_KEYS}
+    config |= {"results": str(tmp_path / "results"), "analysis": {}}
+    config["pretrain"] = {"a2mim_vitb_800ep": paper["pretrain"]["a2mim_vitb_800ep"]}
+    config["segment"] = {"a2mim_vitb": paper["segment"]["a2mim_vitb"]}
+    Matrix(config).check_chains(cache=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # remembered
+    wrong = copy.deepcopy(config)
+    wrong["segment"]["a2mim_vitb"]["recipe"] = "upernet_vitb_plain_160k"
+    with pytest.raises(ConfigMatrixError, match=r"segment\.a2mim_vitb: init a2mim_vitb_800ep"):
+        Matrix(wrong).check_chains(cache=None)
+
+
+STAGE_KEYS = ("pretrain", "finetune", "linprobe", "knn", "detect", "segment", "analysis")
