@@ -7,6 +7,10 @@ planning time (``snakemake -n`` too). It checks that
 - the backend the config asks for is installed (detectron2),
 - the backbone is a timm model, and for pre-training that a backbone adapter handles it (the
   model is built on the ``meta`` device: no memory, no weights),
+- the ``--init`` checkpoint, when it exists, was trained as an encoder of the config's backbone
+  family (its ``meta``: a reference ViT, timm BEiT, does not load into a plain ViT recipe nor the
+  reverse; `check_init_family`), and the workflow checks the same between a run and the run it
+  starts from before anything ran (`check_chain`); a BEiT UperNet evaluates with ``slide``,
 - ``data.root`` holds the layout the stage reads (ImageFolder splits, COCO annotation files and
   image folders, ADE20K ``images/`` and ``annotations/``); the dataset modules' own
   ``validate_root`` is used where they offer one.
@@ -56,6 +60,8 @@ def check(
     init = getattr(cfg, "init", None)
     if isinstance(init, str):
         check_init(Path(init), require_data)
+        check_init_family(Path(init), cfg)
+    check_fixed_grid(stage, cfg)
     data = getattr(cfg, "data", None)
     root = getattr(data, "root", None)
     if isinstance(root, str):
@@ -140,6 +146,76 @@ def check_init(path: Path, require: bool) -> None:
         raise PreflightError(f"init: {problem}")
 
 
+def _encoder(cfg: Any) -> tuple[str, dict[str, Any]] | None:
+    """``(timm name, kwargs)`` of the encoder a config trains or loads."""
+    if hasattr(cfg, "mim_config"):
+        mim = cfg.mim_config()
+        return mim.backbone, dict(mim.backbone_kwargs)
+    model = getattr(cfg, "model", None)
+    name = getattr(model, "backbone", None)
+    if not isinstance(name, str):
+        return None
+    return name, dict(getattr(model, "backbone_kwargs", None) or {})
+
+
+def check_init_family(path: Path, cfg: Any) -> None:
+    """An existing ``--init`` checkpoint's encoder (its ``meta``) is of the config's backbone
+    family: a reference-ViT (BEiT) encoder into a plain-ViT recipe, or the reverse, is an error
+    that names both and the recipe to use."""
+    from a2mim.models.beit_transfer import check_init_family as compare
+    from a2mim.models.beit_transfer import init_encoder
+
+    encoder = _encoder(cfg)
+    if encoder is None or not path.is_file():
+        return
+    trained = init_encoder(path)
+    if trained is None:
+        return
+    problem = compare(trained, *encoder, where=f"init {path}")
+    if problem:
+        raise PreflightError(problem)
+
+
+def check_fixed_grid(stage: Any, cfg: Any) -> None:
+    """A BEiT UperNet is built at the crop size (fixed relative position tables): it evaluates
+    with ``eval.mode: slide``; ``whole`` would feed it larger images."""
+    mode = getattr(getattr(cfg, "eval", None), "mode", None)
+    if getattr(stage, "name", None) != "segment" or mode != "whole":
+        return
+    from a2mim.models.beit_transfer import encoder_family
+
+    encoder = _encoder(cfg)
+    if encoder is not None and encoder_family(*encoder) == "beit":
+        raise PreflightError(
+            f"eval.mode whole with {encoder[0]} (a BEiT, built at data.crop_size: its relative "
+            f"position tables are fixed to that grid): set eval.mode: slide"
+        )
+
+
+def check_chain(argv: list[str], init_argv: list[str], where: str) -> None:
+    """Before any run exists (the workflow's planning): the run of ``argv`` (``<stage> <args>``)
+    loads the encoder that the run of ``init_argv`` trains; both must be of one backbone family
+    (a reference-ViT, BEiT, pretrain run into a plain-ViT transfer recipe fails its job at start,
+    hours later, otherwise)."""
+    from a2mim import command
+    from a2mim.models.beit_transfer import check_init_family as compare
+
+    configs = [
+        command.resolve(command.parse(args), require_data=False, require_env=False)
+        for args in (argv, init_argv)
+    ]
+    built, trained = _encoder(configs[0]), _encoder(configs[1])
+    if built is None or trained is None:
+        return
+    meta = {"backbone": trained[0], "backbone_kwargs": trained[1]}
+    preset = getattr(getattr(configs[1], "model", None), "preset", None)
+    if isinstance(preset, str):
+        meta["preset"] = preset
+    problem = compare(meta, *built, where=where)
+    if problem:
+        raise PreflightError(problem)
+
+
 _LAYOUT_HELP = {
     "imagefolder": "folder with <split>/<class>/<image> (ImageFolder: train/ and val/)",
     "coco": "COCO 2017 folder: annotations/instances_{train,val}2017.json, train2017/, val2017/",
@@ -203,5 +279,8 @@ __all__ = [
     "check",
     "check_backbone",
     "check_backend",
+    "check_chain",
+    "check_fixed_grid",
+    "check_init_family",
     "check_layout",
 ]

@@ -403,6 +403,40 @@ class Matrix:
             )
         return list(warnings)
 
+    def check_chains(self, cache: Path | None = PREFLIGHT_CACHE) -> None:
+        """Before anything ran: every run that starts from another run's encoder (``init``)
+        builds a backbone of the family that run trains (`a2mim.preflight.check_chain`: a
+        reference-ViT, BEiT, pretrain run into a plain-ViT transfer recipe, or the reverse, is a
+        `ConfigMatrixError` naming both and the recipe to use). Once the init file exists, the
+        stage's own pre-flight reads its ``meta`` instead. Passed checks are remembered in
+        ``cache`` (keyed by both commands and the package's files)."""
+        from a2mim import preflight
+        from a2mim.config import ConfigError
+
+        package = _package_stamp()
+        for stage in STAGES:
+            for name, spec in self.runs(stage).items():
+                if spec.get("init") is None:
+                    continue
+                argv = [stage, *shlex.split(self.stage_args(stage, name))]
+                argv += shlex.split(self.init_arg(stage, name))
+                source, run = split_init(spec["init"])
+                init_argv = [source, *shlex.split(self.stage_args(source, run))]
+                text = json.dumps(["chain", argv, init_argv, package])
+                memo = cache / hashlib.sha256(text.encode()).hexdigest()[:32] if cache else None
+                if memo is not None and memo.is_file():
+                    continue
+                try:
+                    preflight.check_chain(argv, init_argv, f"init {spec['init']}")
+                except (ConfigError, FileNotFoundError, ValueError) as exc:
+                    raise ConfigMatrixError(
+                        f"{stage}.{name}: {exc}; fix the run's recipe or its set: in the "
+                        "workflow config"
+                    ) from None
+                if memo is not None:
+                    memo.parent.mkdir(parents=True, exist_ok=True)
+                    memo.write_text("[]")
+
     def threads(self, stage: str, name: str) -> int:
         """Cores a job takes from Snakemake's budget: its CPUs when it runs on this machine;
         none when it is a SLURM job (the launcher only waits), so `cores` never limits how many

@@ -8,7 +8,8 @@ feature maps Mask R-CNN reads.
   named maps ``res2`` .. ``res5`` (channels and strides from the adapter, i.e. timm's
   ``feature_info``); for ``arch: c4`` it stops at ``res4`` and hands its last stage to the RoI
   heads (`StagedBody.res5`), so the pretrained ``layer4`` is the C4 head.
-- `ViTBody`: a plain timm ViT as one stride-16 map ``(B, C, h, w)``, ViTDet style: the position
+- `ViTBody`: a plain timm ViT (the reference ViT, timm BEiT: `a2mim.detection.vit_body.BeitBody`)
+  as one stride-16 map ``(B, C, h, w)``, ViTDet style: the position
   embedding is resampled to each input's grid (timm ``dynamic_img_size``), prefix tokens (cls)
   are dropped after it, blocks run with windowed or global attention, and an optional
   zero-initialised relative position bias per block (`RelativePositionBias`) enters attention as
@@ -32,6 +33,7 @@ from a2mim.backbones import adapt
 from a2mim.backbones.base import PointSpec, StagedAdapter
 from a2mim.config import ConfigError
 from a2mim.detection.spec import DetectorSpec
+from a2mim.models.beit_transfer import encoder_family, is_beit
 from a2mim.train.encoder import create_classifier, load_encoder
 
 __all__ = [
@@ -54,8 +56,8 @@ def create_encoder(spec: DetectorSpec, init: str | None) -> tuple[nn.Module, dic
     extra: dict[str, Any] = {}
     if spec.drop_path_rate > 0:
         extra["drop_path_rate"] = spec.drop_path_rate
-    if spec.arch == "sfp":
-        extra["dynamic_img_size"] = True
+    if spec.arch == "sfp" and encoder_family(spec.backbone, spec.backbone_kwargs) != "beit":
+        extra["dynamic_img_size"] = True  # (BeitBody resamples the embedding itself)
     model = create_classifier(spec.backbone, 0, spec.img_size, {**spec.backbone_kwargs, **extra})
     report = None
     if init is not None:
@@ -241,26 +243,37 @@ class ViTBody(nn.Module):
             channels=encoder.num_features, stride=int(encoder.patch_embed.patch_size[0])
         )
 
-    def forward(self, img_bchw: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+    def embed(self, img_bchw: torch.Tensor) -> torch.Tensor:
+        """Patch tokens ``(B, h, w, C)`` with the position embedding resampled to their grid
+        (timm ``dynamic_img_size``), prefix tokens dropped."""
         m = self.encoder
         x = m.patch_embed(img_bchw)  # (B, h, w, C): dynamic_img_size keeps the grid
         b, h, w, c = x.shape
         x = m.norm_pre(m.patch_drop(m._pos_embed(x)))
-        x_bhwc = x[:, m.num_prefix_tokens :].reshape(b, h, w, c)
+        return x[:, m.num_prefix_tokens :].reshape(b, h, w, c)
+
+    def run_block(self, block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None):
+        """One encoder block on tokens ``(N, L, C)`` with an additive attention ``mask``."""
+        return block(x, attn_mask=mask)
+
+    def forward(self, img_bchw: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        m = self.encoder
+        x_bhwc = self.embed(img_bchw)
+        b, h, w, c = x_bhwc.shape
         pad_bias = None
         if any(self.windowed):
-            pad_bias = _padding_bias(b, h, w, self.window_size, x.device)
+            pad_bias = _padding_bias(b, h, w, self.window_size, x_bhwc.device)
         for i, block in enumerate(m.blocks):
             bias = None if self.rel_pos is None else self.rel_pos[i]
             if self.windowed[i]:
                 size = self.window_size
                 windows, hp, wp = _window_partition(x_bhwc, size)
                 mask = _add(None if bias is None else bias(size, size), pad_bias)
-                windows = block(windows, attn_mask=_as_dtype(mask, windows))
+                windows = self.run_block(block, windows, _as_dtype(mask, windows))
                 x_bhwc = _window_unpartition(windows, size, b, hp, wp, h, w)
             else:
                 mask = None if bias is None else bias(h, w)
-                tokens = block(x_bhwc.reshape(b, h * w, c), attn_mask=_as_dtype(mask, x_bhwc))
+                tokens = self.run_block(block, x_bhwc.reshape(b, h * w, c), _as_dtype(mask, x_bhwc))
                 x_bhwc = tokens.view(b, h, w, c)
         x_bhwc = m.norm(x_bhwc)
         return OrderedDict(last=x_bhwc.permute(0, 3, 1, 2).contiguous())
@@ -283,6 +296,11 @@ def build_body(
     """The encoder body of ``spec`` and the init report. ``max_side`` (longest input side,
     after padding) sizes the relative position bias of global ViT blocks."""
     encoder, report = create_encoder(spec, init)
+    if spec.arch == "sfp" and is_beit(encoder):  # the reference ViT (a2mim.detection.vit_body)
+        from a2mim.detection.vit_body import build_beit_body
+
+        body = build_beit_body(encoder, spec, max_side)
+        return body, (None if report is None else {**report, "rel_pos_tables": body.tables})
     if spec.arch == "sfp":
         if not isinstance(encoder, VisionTransformer):
             raise ConfigError(

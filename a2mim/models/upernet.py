@@ -16,6 +16,12 @@ The encoder is a timm model whose multi-scale features come from ``forward_inter
   (mmseg ``Feature2Pyramid``: deconv-BN-GELU-deconv x4, deconv x2, identity, max-pool /2). The
   ViT is built at the crop size with ``dynamic_img_size`` so other sizes (whole-image testing)
   interpolate the position embedding, as mmseg's ViTs do.
+* the reference ViT (timm BEiT, `a2mim.models.beit_transfer`): the same pyramid, but the
+  encoder is built at the crop size only (its per-block relative position tables are fixed to
+  the crop's grid, as in mmseg's / BEiT's own segmentation code): `load_init` resamples the
+  pre-training position embedding (bicubic) and tables (timm's BEiT resize, the 3 cls entries
+  kept) to that grid, and `UperNetSegmenter.predict` pads smaller inputs to the crop (bottom /
+  right, zeros) and crops the logits back; larger inputs need ``eval.mode: slide``.
 
 Layers after the last used index (and a ViT's final norm) are pruned, so every parameter gets a
 gradient (DistributedDataParallel needs no unused-parameter search).
@@ -35,6 +41,7 @@ from torch import nn
 from transformers import UperNetConfig
 from transformers.models.upernet.modeling_upernet import UperNetFCNHead, UperNetHead
 
+from a2mim.models.beit_transfer import is_beit, resize_state_to
 from a2mim.train import checkpoint
 from a2mim.train.encoder import create_classifier, load_encoder
 
@@ -143,6 +150,10 @@ class UperNetSegmenter(nn.Module):
             raise ValueError(f"aux_in_index must be 0..3 (one of the 4 maps), got {aux_in_index}")
         self.plain = _is_plain(backbone)
         self.out_indices = indices
+        # fixed input side of encoders whose grid is fixed at creation (BEiT); None: any size
+        self.fixed_size: int | None = None
+        if is_beit(backbone):
+            self.fixed_size = int(backbone.patch_embed.img_size[0])
         if hasattr(backbone, "group_matcher"):
             matcher = backbone.group_matcher(coarse=False)
             self.layer_ids: dict[str, int] = group_parameters(backbone, matcher, reverse=True)
@@ -195,19 +206,35 @@ class UperNetSegmenter(nn.Module):
         return self.decode_head(feats), aux
 
     def predict(self, img_bchw: torch.Tensor) -> torch.Tensor:
-        """Main-head logits ``(B, K, H, W)`` at the input size (bilinear, as mmseg)."""
+        """Main-head logits ``(B, K, H, W)`` at the input size (bilinear, as mmseg). An encoder
+        of fixed input size (BEiT) sees the input zero-padded (bottom / right) to that size;
+        the logits of the padding are cut off."""
+        height, width = img_bchw.shape[-2:]
+        size = self.fixed_size
+        if size is not None and (height, width) != (size, size):
+            if height > size or width > size:
+                raise ValueError(
+                    f"a {height}x{width} input exceeds the {size}x{size} input of this "
+                    f"encoder (its relative position tables are fixed to the crop's grid): "
+                    f"use eval.mode slide (crops of data.crop_size)"
+                )
+            img_bchw = F.pad(img_bchw, (0, size - width, 0, size - height))
         logits, _ = self(img_bchw)
-        return F.interpolate(logits, size=img_bchw.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(
+            logits, size=img_bchw.shape[-2:], mode="bilinear", align_corners=False
+        )
+        return logits[..., :height, :width]
 
 
 def create_encoder(
     name: str, crop_size: int, backbone_kwargs: dict[str, Any], drop_path_rate: float
 ) -> nn.Module:
     """The timm encoder (random init, no classifier) at ``crop_size``; a plain ViT is rebuilt
-    with ``dynamic_img_size`` / ``dynamic_img_pad`` so that any input size works."""
+    with ``dynamic_img_size`` / ``dynamic_img_pad`` so that any input size works (a BEiT stays
+    at ``crop_size``: see `UperNetSegmenter.predict`)."""
     kwargs = {**backbone_kwargs, "drop_path_rate": drop_path_rate}
     model = create_classifier(name, 0, crop_size, kwargs)
-    if _is_plain(model):
+    if _is_plain(model) and not is_beit(model):
         model = create_classifier(
             name, 0, crop_size, {**kwargs, "dynamic_img_size": True, "dynamic_img_pad": True}
         )
@@ -240,8 +267,10 @@ def load_init(
     The checkpoint is first loaded into the encoder it was trained as (``name``,
     ``backbone_kwargs`` and the ``img_size`` of its meta, ``default_img_size`` without one), with `load_encoder`'s key check and
     messages; then its absolute position embedding, if any, is resampled to the segmentation
-    grid (bicubic, as mmseg's ViTs resize it), and every remaining weight must fit the pruned
-    encoder exactly. Keys of pruned layers (a ViT's final norm) are reported as ``dropped``.
+    grid (bicubic, as mmseg's ViTs resize it), a BEiT's per-block relative position tables to
+    the grid's window (`a2mim.models.beit_transfer.resize_state_to`), and every remaining weight
+    must fit the pruned encoder exactly. Keys of pruned layers (a ViT's final norm) are reported
+    as ``dropped``; what was resampled as ``resized``.
     """
     ckpt = checkpoint.load(path)
     meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
@@ -251,6 +280,8 @@ def load_init(
     report = load_encoder(reference, path, name, img_size, backbone_kwargs, allow_new_head=False)
     state = reference.state_dict()
     resized = []
+    if is_beit(reference) and is_beit(model.backbone):
+        state, resized = resize_state_to(state, reference, model.backbone)
     pos = state.get("pos_embed")
     if pos is not None and "pos_embed" in own and pos.shape != own["pos_embed"].shape:
         prefix = 0 if getattr(model.backbone, "no_embed_class", False) else None

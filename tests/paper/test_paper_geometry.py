@@ -27,21 +27,7 @@ from a2mim.workflow import STAGES, Matrix
 
 pytestmark = pytest.mark.paper_geometry
 
-# Known gaps, each a strict xfail (it fails the suite once the gap is closed, so that the entry
-# goes): the reference ViT-B encoders (timm BEiT: LayerScale, per-block relative position bias)
-# do not load into the plain-ViT backbone of the ViTDet / UperNet ViT-B transfer recipes yet. The
-# stage refuses them at start with the key diff and the two backbones (issue 13, left open).
-BEIT_TRANSFER = (
-    "reference-ViT (BEiT) encoder into the plain-ViT detection/segmentation backbone: "
-    "not supported yet; the stage refuses it at start naming both backbones"
-)
-KNOWN_GAPS = {"detect/a2mim_vitb": BEIT_TRANSFER, "segment/a2mim_vitb": BEIT_TRANSFER}
-KEYS = [
-    pytest.param(key, marks=pytest.mark.xfail(reason=KNOWN_GAPS[key], strict=True))
-    if key in KNOWN_GAPS
-    else key
-    for key in (job.key for job in collection_jobs())
-]
+KEYS = [job.key for job in collection_jobs()]
 PAPER_VALUES = yaml.safe_load((Path(__file__).parent / "paper_values.yaml").read_text())
 # What each stage writes last, and the metric its evaluation reports.
 OUTPUT = {"pretrain": "encoder.pt", "finetune": "model.pt", "linprobe": "metrics.json",

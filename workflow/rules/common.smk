@@ -9,4 +9,5 @@ M = Matrix(config)
 M.preflight(dry_run=workflow.output_settings.dryrun)  # every run's stage command resolves and validates
 RESULTS = M.results
 EXPERIMENT = M.experiment
+M.check_chains()  # each run's backbone family is the one its init run trains (BEiT vs plain ViT)
 CONDA_ENV = "../../envs/a2mim.yaml"
