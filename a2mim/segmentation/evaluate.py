@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +13,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJac
 from a2mim import predictions
 from a2mim.config import bounded
 from a2mim.models.upernet import UperNetSegmenter, slide_logits, whole_logits
-
-if TYPE_CHECKING:
-    from a2mim.stages.segment import SegmentConfig
+from a2mim.segmentation.data import DataConfig
 
 
 @dataclass(frozen=True)
@@ -27,6 +25,13 @@ class EvalConfig:
     mode: Literal["whole", "slide"] = "whole"
     stride: int = bounded(341, ge=1)
     every_steps: int | None = bounded(None, ge=1)
+
+
+class EvalSetup(Protocol):
+    """What `evaluate` reads of a ``SegmentConfig``: its data and eval sections."""
+
+    data: DataConfig
+    eval: EvalConfig
 
 
 class SegMetrics:
@@ -68,7 +73,7 @@ class SegMetrics:
 def evaluate(
     model: UperNetSegmenter,
     loader: DataLoader,
-    cfg: SegmentConfig,
+    cfg: EvalSetup,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     per_image: list | None = None,

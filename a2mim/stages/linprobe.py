@@ -31,9 +31,8 @@ from torch import nn
 from a2mim import predictions
 from a2mim.config import CropFlipData, EpochWarmupCosine, TransferRunConfig, bounded, from_dict
 from a2mim.data.transforms import pretrain_transform
-from a2mim.stages.finetune import ClassifyTask
 from a2mim.train import checkpoint, engine
-from a2mim.train.classify import AugmentedDataset, LinearProbe
+from a2mim.train.classify import AugmentedDataset, ClassifyTask, LinearProbe
 from a2mim.train.encoder import check_backbone, create_classifier, load_encoder
 
 __all__ = [
