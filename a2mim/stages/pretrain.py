@@ -39,9 +39,9 @@ from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import eval_transform, pretrain_transform
 from a2mim.mim import MaskedImageModel, MIMConfig, get_preset
 from a2mim.mim.masking import fill_masked, upsample_mask
-from a2mim.stages.knn import KnnMonitor, KnnMonitorConfig
 from a2mim.train import checkpoint, engine
 from a2mim.train.distributed import local_rows
+from a2mim.train.knn import KnnMonitor, KnnMonitorConfig
 from a2mim.train.optim import (
     OptimConfig,
     build_optimizer,
