@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,9 +11,10 @@ import torch
 from torch.utils.data import Dataset
 
 from a2mim.config import bounded
-from a2mim.data.coco import CocoInstances, clip_boxes, drop_crowd
+from a2mim.data.coco import CocoInstances, clip_boxes, count_empty_boxes, drop_crowd
 from a2mim.train.sampling import mix_seed
 
+_log = logging.getLogger(__name__)
 Target = dict[str, Any]
 
 
@@ -93,3 +95,22 @@ def trainable_indices(dataset: CocoInstances, filter_empty: bool) -> list[int]:
         if any(not a.get("iscrowd", 0) and a["id"] not in skipped for a in anns):
             keep.append(i)
     return keep
+
+
+def count_empty_training_boxes(
+    dataset: CocoInstances, indices: list[int], rank: int
+) -> dict[str, int]:
+    """`count_empty_boxes` over the training images, with a warning (rank 0) when any."""
+    empty = count_empty_boxes(
+        dataset.coco, [dataset.ids[i] for i in indices], dataset.skipped_ann_ids
+    )
+    if empty["empty_boxes"] and rank == 0:
+        _log.warning(
+            "%s: %d of %d training boxes are empty after clipping to the image (width or "
+            "height <= 1e-5, in %d images) and are dropped, as detectron2's loader does",
+            dataset.ann_file,
+            empty["empty_boxes"],
+            empty["annotations"],
+            empty["images_affected"],
+        )
+    return empty

@@ -1,4 +1,12 @@
-"""detectron2's solver: SGD / AdamW over weight-decay and ViT layer-decay groups, warm-up multi-step lr."""
+"""detectron2's solver for the ``detect`` stage: SGD / AdamW over weight-decay and ViT layer-decay
+groups, warm-up multi-step lr.
+
+SGD (or AdamW) with ``lr = base_lr * global_batch / lr_batch_divisor``, linear warm-up from
+``warmup_factor * lr`` over ``warmup_iters``, then x ``gamma`` at each of ``steps``
+(iterations); no weight decay on normalisation layers (``weight_decay_norm``), position
+embeddings and relative position biases; optional layer-wise lr decay for ViTs. The learning
+rate is a function of the step, so a checkpoint needs no scheduler state.
+"""
 
 from __future__ import annotations
 

@@ -14,18 +14,13 @@ without it installed stops with the install instructions. The backend used is th
 ``backend``, ``derived.backend`` in ``resolved_config.yaml`` and ``backend`` in ``metrics.json``;
 the config hash covers the resolved backend, so a run never resumes under the other library.
 
-Training follows detectron2's solver: SGD (or AdamW) with ``lr = base_lr * global_batch /
-lr_batch_divisor``, linear warm-up from ``warmup_factor * lr`` over ``warmup_iters``, then x
-``gamma`` at each of ``steps`` (iterations); no weight decay on normalisation layers
-(``weight_decay_norm``), position embeddings and relative position biases; optional layer-wise
-lr decay for ViTs. Images without (non-crowd) annotations are left out of training, crowd
-regions are dropped from the training targets; augmentation is the horizontal flip here (drawn
-from ``(seed, epoch, index)``) and the multi-scale resize inside the detector (drawn from the
-global generator, seeded from ``(seed, step)`` before each step, which also fixes the RPN and
-RoI sampling). The learning rate is a function of the step, so a checkpoint needs no scheduler
-state: restarting the same command resumes from ``checkpoint.pt`` (model, optimizer, grad
-scaler, step) and, on the CPU in deterministic mode, ends with the weights of an uninterrupted
-run.
+Training follows detectron2's solver (`a2mim.detection.solver`). Images without (non-crowd)
+annotations are left out of training, crowd regions are dropped from the training targets;
+augmentation is the horizontal flip (drawn from ``(seed, epoch, index)``) and the multi-scale
+resize inside the detector (seeded from ``(seed, step)`` before each step, which also fixes the
+RPN and RoI sampling). Restarting the same command resumes from ``checkpoint.pt`` (model,
+optimizer, grad scaler, step) and, on the CPU in deterministic mode, ends with the weights of an
+uninterrupted run.
 
 Data: ``data.root`` is a COCO 2017 folder (``annotations/instances_{train,val}2017.json``,
 ``train2017/``, ``val2017/``; `a2mim.data.coco.validate_root` checks it before anything is
@@ -64,20 +59,20 @@ from torch.utils.data import DataLoader
 from a2mim import atomic, predictions
 from a2mim.config import (
     ConfigError,
-    Range,
     TransferRunConfig,
     bounded,
     check_ranges,
     from_dict,
     to_dict,
 )
-from a2mim.data.coco import CocoInstances, count_empty_boxes, validate_root
+from a2mim.data.coco import CocoInstances, validate_root
 from a2mim.detection import DetectorSpec, Input, build_detector, resolve_backend
 from a2mim.detection.evaluate import evaluate_detector, load_detector
 from a2mim.detection.instances import (
     DataConfig,
     FlippedInstances,
     collate,
+    count_empty_training_boxes,
     hflip,
     trainable_indices,
 )
@@ -90,6 +85,7 @@ from a2mim.detection.solver import (
     param_groups,
     vit_depth_of,
 )
+from a2mim.detection.spec import SPEC_RANGES
 from a2mim.train import checkpoint, engine
 from a2mim.train.classify import tracked_derived
 from a2mim.train.distributed import broadcast_buffers
@@ -128,37 +124,6 @@ class DetectConfig(TransferRunConfig):
     eval_every_steps: int | None = bounded(None, ge=1)  # null: evaluate at the end only
     ckpt_every_steps: int = bounded(1000, ge=1)
     log_every_steps: int = bounded(20, ge=1)
-
-
-_ONE_UP, _FRACTION = Range(lo=1), Range(lo=0, hi=1)
-SPEC_RANGES = {  # the numeric fields of a2mim.detection's DetectorSpec and Input
-    "model": {
-        "img_size": _ONE_UP,
-        "drop_path_rate": Range(lo=0, hi=1, hi_open=True),
-        "window_size": _ONE_UP,
-        "global_blocks": Range(lo=0),
-        "fpn_channels": _ONE_UP,
-        "anchor_sizes": Range(lo=0, lo_open=True),
-        "aspect_ratios": Range(lo=0, lo_open=True),
-        "rpn_batch_per_image": _ONE_UP,
-        "rpn_pre_nms_topk_train": _ONE_UP,
-        "rpn_post_nms_topk_train": _ONE_UP,
-        "rpn_pre_nms_topk_test": _ONE_UP,
-        "rpn_post_nms_topk_test": _ONE_UP,
-        "roi_batch_per_image": _ONE_UP,
-        "box_fc_dim": _ONE_UP,
-        "mask_conv_dim": _ONE_UP,
-        "mask_num_conv": _ONE_UP,
-        "score_thresh": _FRACTION,
-        "detections_per_image": _ONE_UP,
-    },
-    "input": {
-        "min_size_train": _ONE_UP,
-        "max_size_train": _ONE_UP,
-        "min_size_test": _ONE_UP,
-        "max_size_test": _ONE_UP,
-    },
-}
 
 
 def load_config(data: dict[str, Any], where: str = "config") -> DetectConfig:
@@ -229,7 +194,7 @@ class DetectTask(engine.Task):
         require_init(cfg.init)
         self.train_set, self.val_set = _open_datasets(cfg, self.backend == "detectron2")
         self.train_idx = trainable_indices(self.train_set, cfg.data.filter_empty)
-        self.empty_boxes = _count_empty_boxes(self.train_set, self.train_idx, self.ctx.rank)
+        self.empty_boxes = count_empty_training_boxes(self.train_set, self.train_idx, self.ctx.rank)
         self.norm_world, self.norm = _norm(cfg, self.ctx)
         global_batch = cfg.batch_size * self.ctx.world * accum_steps
         what = f"{cfg.data.root}/{cfg.data.train_ann} (trainable images)"
@@ -422,23 +387,6 @@ def solver_summary(cfg: DetectConfig, lr: float, ims_per_batch: int) -> dict[str
 def _deterministic(cfg: DetectConfig, device: torch.device) -> bool:
     """``deterministic`` null: deterministic kernels on the CPU, fast ones on CUDA."""
     return device.type == "cpu" if cfg.deterministic is None else cfg.deterministic
-
-
-def _count_empty_boxes(dataset: CocoInstances, indices: list[int], rank: int) -> dict[str, int]:
-    """`count_empty_boxes` over the training images, with a warning (rank 0) when any."""
-    empty = count_empty_boxes(
-        dataset.coco, [dataset.ids[i] for i in indices], dataset.skipped_ann_ids
-    )
-    if empty["empty_boxes"] and rank == 0:
-        log_.warning(
-            "%s: %d of %d training boxes are empty after clipping to the image (width or "
-            "height <= 1e-5, in %d images) and are dropped, as detectron2's loader does",
-            dataset.ann_file,
-            empty["empty_boxes"],
-            empty["annotations"],
-            empty["images_affected"],
-        )
-    return empty
 
 
 def _norm(cfg: DetectConfig, ctx: engine.Context) -> tuple[int, str]:
