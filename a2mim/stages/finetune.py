@@ -31,29 +31,30 @@ counts, so ``top1`` is over the whole set; rank 0 alone writes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from PIL import Image, ImageOps
-from timm.data import Mixup, auto_augment, create_transform
+from timm.data import Mixup
 from timm.utils import ModelEmaV3
 from torch import nn
 
 from a2mim import predictions
-from a2mim.config import ConfigError, ImageFolderData, TransferRunConfig, bounded, from_dict
-from a2mim.data.device_pipeline import CropRecipe, DeviceAugment, EncodedImages, check_supported
-from a2mim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from a2mim.config import ConfigError, TransferRunConfig, bounded, from_dict
+from a2mim.data.device_pipeline import DeviceAugment, EncodedImages, check_supported
 from a2mim.train import checkpoint, engine
 from a2mim.train.classify import AugmentedDataset, ClassifyTask, rng_scope
 from a2mim.train.encoder import check_backbone, create_classifier, load_encoder
 from a2mim.train.optim import check_timm_optim
 from a2mim.train.sampling import mix_seed
 from a2mim.train.timm_recipe import (
+    DataConfig,
     FinetuneOptimConfig,
     LossConfig,
     MixupConfig,
     build_loss,
     build_optimizer,
+    device_recipe,
+    train_transform,
 )
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "build_optimizer",
     "load_config",
     "run",
+    "train_transform",
 ]
 
 
@@ -86,31 +88,6 @@ class ModelConfig:
     drop_path_rate: float = bounded(0.0, ge=0, lt=1)
     drop_rate: float = bounded(0.0, ge=0, lt=1)
     head_init_std: float | None = bounded(None, gt=0)
-
-
-@dataclass(frozen=True)
-class DataConfig(ImageFolderData):
-    """ImageFolder splits and timm's training transform (``create_transform`` arguments).
-
-    ``repeated_aug`` > 1 repeats each image that many times per epoch with different
-    augmentations (RSB A2 / DeiT use 3). Evaluation resizes to ``test_img_size / test_crop_pct``
-    (bicubic) and centre-crops ``test_img_size`` (default: ``model.img_size``)."""
-
-    scale: tuple[float, float] = bounded((0.08, 1.0), gt=0, le=1)  # crop scale
-    hflip: float = bounded(0.5, ge=0, le=1)
-    color_jitter: float | None = bounded(0.4, ge=0)
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
-    interpolation: str = "bicubic"
-    reprob: float = bounded(0.0, ge=0, le=1)
-    remode: Literal["const", "rand", "pixel"] = "pixel"
-    recount: int = bounded(1, ge=1)
-    repeated_aug: int = bounded(1, ge=1)
-    test_img_size: int | None = bounded(None, ge=1)
-    test_crop_pct: float = bounded(0.875, gt=0, le=1)
-    eval_batch_size: int | None = bounded(None, ge=1)
-    # pil: timm's transform in DataLoader workers (the reference); device: decode, crop, flip and
-    # random erasing on the training device (a2mim.data.device_pipeline; no RandAugment there)
-    pipeline: Literal["pil", "device"] = "pil"
 
 
 @dataclass(frozen=True)
@@ -138,23 +115,10 @@ def load_config(data: dict[str, Any], where: str = "config") -> FinetuneConfig:
     if cfg.data.pipeline == "device":
         try:
             check_supported(cfg.data.auto_augment, cfg.data.color_jitter)
-            _device_recipe(cfg)
+            device_recipe(cfg)
         except ValueError as exc:
             raise ConfigError(f"{where}: data.pipeline=device: {exc}") from None
     return cfg
-
-
-def _device_recipe(cfg: FinetuneConfig) -> CropRecipe:
-    d = cfg.data
-    return CropRecipe(
-        cfg.model.img_size,
-        d.scale,
-        interpolation=d.interpolation,
-        hflip=d.hflip,
-        reprob=d.reprob,
-        remode=d.remode,
-        recount=d.recount,
-    )
 
 
 def build_model(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict | None]:
@@ -180,42 +144,6 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict 
             model, cfg.init, cfg.model.backbone, cfg.model.img_size, cfg.model.backbone_kwargs
         )
     return model, report
-
-
-def train_transform(cfg: FinetuneConfig):
-    """timm's ImageNet training transform (RandomResizedCrop, flip, RandAugment, random
-    erasing), PIL RGB in, normalised ``(3, img_size, img_size)`` tensor out."""
-    d = cfg.data
-    transform = create_transform(
-        cfg.model.img_size,
-        is_training=True,
-        scale=d.scale,
-        hflip=d.hflip,
-        color_jitter=d.color_jitter,
-        auto_augment=d.auto_augment,
-        interpolation=d.interpolation,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        re_prob=d.reprob,
-        re_mode=d.remode,
-        re_count=d.recount,
-    )
-    for step in getattr(transform, "transforms", []):
-        for op in getattr(step, "ops", []):  # timm RandAugment / AutoAugment operations
-            if op.aug_fn is auto_augment.posterize:
-                op.aug_fn = _posterize
-    return transform
-
-
-def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
-    """timm's posterize op for any Pillow. timm's "PosterizeIncreasing" (RandAugment ``inc1``)
-    asks for 0 bits at magnitude 10, which ``rand-m9-mstd0.5`` reaches often; Pillow >= 13
-    rejects 0 bits where older Pillow returned an all-black image. Keep that result."""
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep < 1:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits_to_keep)
 
 
 class FinetuneTask(ClassifyTask):
@@ -259,7 +187,7 @@ class FinetuneTask(ClassifyTask):
         self.augment = None
         if cfg.data.pipeline == "device":
             on_corrupt = cfg.data.on_corrupt
-            self.augment = DeviceAugment(_device_recipe(cfg), device, on_corrupt=on_corrupt)
+            self.augment = DeviceAugment(device_recipe(cfg), device, on_corrupt=on_corrupt)
             self.encoded = EncodedImages(self.train_set)
 
     def derived(self) -> dict[str, Any]:

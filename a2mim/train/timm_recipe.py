@@ -1,17 +1,111 @@
-"""timm's fine-tuning recipe (as its ``train.py``): Mixup / CutMix and loss settings, the optimizer
-with layer-wise lr decay (``create_optimizer_v2``) and the loss it picks."""
+"""timm's fine-tuning recipe (as its ``train.py``): the training transform (``create_transform``,
+or the device pipeline's crop recipe), Mixup / CutMix and loss settings, the optimizer with
+layer-wise lr decay (``create_optimizer_v2``) and the loss it picks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
+from PIL import Image, ImageOps
+from timm.data import auto_augment, create_transform
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from a2mim.config import EpochWarmupCosine, bounded
+from a2mim.config import EpochWarmupCosine, ImageFolderData, bounded
+from a2mim.data.device_pipeline import CropRecipe
+from a2mim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class DataConfig(ImageFolderData):
+    """ImageFolder splits and timm's training transform (``create_transform`` arguments).
+
+    ``repeated_aug`` > 1 repeats each image that many times per epoch with different
+    augmentations (RSB A2 / DeiT use 3). Evaluation resizes to ``test_img_size / test_crop_pct``
+    (bicubic) and centre-crops ``test_img_size`` (default: ``model.img_size``)."""
+
+    scale: tuple[float, float] = bounded((0.08, 1.0), gt=0, le=1)  # crop scale
+    hflip: float = bounded(0.5, ge=0, le=1)
+    color_jitter: float | None = bounded(0.4, ge=0)
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    interpolation: str = "bicubic"
+    reprob: float = bounded(0.0, ge=0, le=1)
+    remode: Literal["const", "rand", "pixel"] = "pixel"
+    recount: int = bounded(1, ge=1)
+    repeated_aug: int = bounded(1, ge=1)
+    test_img_size: int | None = bounded(None, ge=1)
+    test_crop_pct: float = bounded(0.875, gt=0, le=1)
+    eval_batch_size: int | None = bounded(None, ge=1)
+    # pil: timm's transform in DataLoader workers (the reference); device: decode, crop, flip and
+    # random erasing on the training device (a2mim.data.device_pipeline; no RandAugment there)
+    pipeline: Literal["pil", "device"] = "pil"
+
+
+def device_recipe(cfg: TransformConfig) -> CropRecipe:
+    d = cfg.data
+    return CropRecipe(
+        cfg.model.img_size,
+        d.scale,
+        interpolation=d.interpolation,
+        hflip=d.hflip,
+        reprob=d.reprob,
+        remode=d.remode,
+        recount=d.recount,
+    )
+
+
+def train_transform(cfg: TransformConfig):
+    """timm's ImageNet training transform (RandomResizedCrop, flip, RandAugment, random
+    erasing), PIL RGB in, normalised ``(3, img_size, img_size)`` tensor out."""
+    d = cfg.data
+    transform = create_transform(
+        cfg.model.img_size,
+        is_training=True,
+        scale=d.scale,
+        hflip=d.hflip,
+        color_jitter=d.color_jitter,
+        auto_augment=d.auto_augment,
+        interpolation=d.interpolation,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        re_prob=d.reprob,
+        re_mode=d.remode,
+        re_count=d.recount,
+    )
+    for step in getattr(transform, "transforms", []):
+        for op in getattr(step, "ops", []):  # timm RandAugment / AutoAugment operations
+            if op.aug_fn is auto_augment.posterize:
+                op.aug_fn = _posterize
+    return transform
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize op for any Pillow. timm's "PosterizeIncreasing" (RandAugment ``inc1``)
+    asks for 0 bits at magnitude 10, which ``rand-m9-mstd0.5`` reaches often; Pillow >= 13
+    rejects 0 bits where older Pillow returned an all-black image. Keep that result."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+class _Sized(Protocol):
+    @property
+    def img_size(self) -> int: ...
+
+
+class TransformConfig(Protocol):
+    """What the training transform reads of a ``FinetuneConfig``: ``model.img_size``, ``data``."""
+
+    @property
+    def model(self) -> _Sized: ...
+
+    @property
+    def data(self) -> DataConfig: ...
 
 
 @dataclass(frozen=True)
