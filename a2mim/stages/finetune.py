@@ -39,7 +39,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from a2mim import predictions
-from a2mim.config import ConfigError, TransferRunConfig, bounded, from_dict
+from a2mim.config import ConfigError, EncoderConfig, TransferRunConfig, bounded, from_dict
 from a2mim.data.device_pipeline import DeviceAugment, EncodedImages, check_supported
 from a2mim.train import checkpoint, engine
 from a2mim.train.classify import AugmentedDataset, ClassifyTask, rng_scope
@@ -74,17 +74,13 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(EncoderConfig):
     """The timm classifier. ``backbone_kwargs`` and ``img_size`` must match the pre-training
     run's (``encoder.pt`` meta); ``global_pool: null`` keeps timm's default ("avg" for CNNs,
     "token" for ViTs); the reference ViT fine-tuning uses "avg", which in timm adds ``fc_norm``.
     ``head_init_std`` re-initialises the classifier weight with a truncated normal (MAE uses
     2e-5 for ViT fine-tuning); ``null`` keeps timm's init."""
 
-    backbone: str = "resnet50"
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    img_size: int = bounded(224, ge=1)
-    global_pool: str | None = None
     drop_path_rate: float = bounded(0.0, ge=0, lt=1)
     drop_rate: float = bounded(0.0, ge=0, lt=1)
     head_init_std: float | None = bounded(None, gt=0)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from a2mim import atomic
-from a2mim.config import ConfigError, ImageFolderData, bounded, from_dict
+from a2mim.config import ConfigError, EncoderConfig, ImageFolderData, bounded, from_dict
 from a2mim.train import engine
 from a2mim.train.classify import tracked_derived
 from a2mim.train.distributed import resolve_device, world_info
@@ -42,13 +42,8 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class KnnModelConfig:
+class KnnModelConfig(EncoderConfig):
     """The timm encoder (``num_classes=0``: pooled features); as in ``linprobe``."""
-
-    backbone: str = "resnet50"
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    img_size: int = bounded(224, ge=1)
-    global_pool: str | None = None
 
 
 @dataclass(frozen=True)
