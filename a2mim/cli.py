@@ -108,7 +108,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     print("method presets (model.preset):")
     for name, (_, note) in PRESETS.items():
         print(f"  {name:20s} {note}")
-    from a2mim.stages import STAGES
+    from a2mim.registry import STAGES
 
     for stage in STAGES:
         names = recipes.available(stage)
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prepare)
 
     from a2mim import command, launch
-    from a2mim.stages import STAGES
+    from a2mim.registry import STAGES
 
     for stage in STAGES.values():
         p = sub.add_parser(stage.name, help=stage.help, description=stage.description)

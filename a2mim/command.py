@@ -27,8 +27,7 @@ from typing import Any
 
 import yaml
 
-from a2mim import preflight
-from a2mim import stages as registry
+from a2mim import preflight, registry
 from a2mim.config import ConfigError, load_yaml
 
 FIGURES = ("figure1", "figure3", "figure5")

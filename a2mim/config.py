@@ -154,6 +154,18 @@ class EpochWarmupCosine(OptimBase):
 
 
 @dataclass(frozen=True)
+class EncoderConfig:
+    """The timm encoder of a downstream stage: ``backbone`` and ``backbone_kwargs`` (they must
+    match the pre-training run's ``encoder.pt`` meta), input size and ``global_pool`` (null:
+    timm's default). Stages extend it with their heads' fields."""
+
+    backbone: str = "resnet50"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    img_size: int = bounded(224, ge=1)
+    global_pool: str | None = None
+
+
+@dataclass(frozen=True)
 class ImageFolderData:
     """An ImageFolder dataset (``root/split/<class>/<image>``), its validation split, whether
     unreadable images are skipped (both splits) and the loader workers."""

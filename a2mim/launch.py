@@ -43,7 +43,7 @@ from typing import Literal
 import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
-from a2mim.stages import Resources
+from a2mim.registry import Resources
 
 Cluster = Literal["local", "slurm", "debug"]
 CLUSTERS: tuple[str, ...] = ("local", "slurm", "debug")
@@ -59,7 +59,7 @@ MARKER = ".a2mim-launch"  # in every job folder this launcher made: only those a
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Where and with what resources one stage job runs (defaults: ``stages.Resources``)."""
+    """Where and with what resources one stage job runs (defaults: ``registry.Resources``)."""
 
     job_dir: Path
     cluster: Cluster = "local"

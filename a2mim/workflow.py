@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from a2mim import stages as registry
+from a2mim import registry
 
 STAGES = tuple(stage.name for stage in registry.matrix_stages())
 TABLES = ("table1", "table2", "table3", "table4", "table5")

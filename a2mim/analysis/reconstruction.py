@@ -1,5 +1,6 @@
 """Reconstruction figures (paper Fig. 5 / A2 / A3): input, masked input, prediction, and the
-prediction pasted into the visible pixels."""
+prediction pasted into the visible pixels; the fixed figure batch pre-training draws every
+epoch."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from a2mim.atomic import atomic_path
-from a2mim.data.transforms import denormalize
+from a2mim.config import ImageFolderData
+from a2mim.data.imagefolder import ImageFolderDataset
+from a2mim.data.transforms import denormalize, eval_transform
 from a2mim.mim.masking import fill_masked, upsample_mask
+from a2mim.train.sampling import mix_seed
 
 if TYPE_CHECKING:
     from a2mim.mim.model import MaskedImageModel
@@ -174,3 +178,39 @@ def save_figure(fig, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format=fmt, metadata=metadata)
     return path
+
+
+def figure_batch(data: ImageFolderData, img_size: int, figure_images: int, seed: int):
+    """Fixed validation images and masks for reconstruction figures (same every epoch)."""
+    root = Path(data.root)
+    split = data.val_split if (root / data.val_split).is_dir() else data.split
+    ds = ImageFolderDataset(
+        root,
+        split,
+        transform=eval_transform(img_size, 1.0),
+        on_corrupt=data.on_corrupt,
+    )
+    step = max(1, len(ds) // figure_images)
+    # at most the split's images (a split smaller than figure_images gives them all)
+    picks = range(0, min(len(ds), step * figure_images), step)
+    imgs = torch.stack([ds[i][0] for i in picks])
+    gen = torch.Generator().manual_seed(mix_seed(seed, 3))
+    return imgs, gen.get_state()
+
+
+@torch.no_grad()
+def save_training_figure(model: MaskedImageModel, fig_batch, path: Path, preset: str) -> None:
+    """The reconstructions of `figure_batch` by ``model`` (a pre-training run's, mid-run)."""
+    imgs, gen_state = fig_batch
+    device = next(model.parameters()).device
+    model.eval()
+    gen = torch.Generator()
+    gen.set_state(gen_state)
+    mask = model.masker(imgs.shape[0], generator=gen)
+    out = model(imgs.to(device), mask.to(device))
+    mask_pix = upsample_mask(mask, model.cfg.mask_patch_size)[:, None]
+    filled = fill_masked(imgs, mask_pix, model.cfg.fill)
+    shown = filled if model.cfg.fill != "none" else None
+    panels = reconstruction_panels(imgs, out.pred_bchw.float().cpu(), mask_pix[:, 0], shown)
+    title = f"{preset} - {path.stem} - loss {out.loss.item():.4f}"
+    save_reconstruction_figure(panels, path, title=title)

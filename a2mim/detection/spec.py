@@ -20,7 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["DetectorSpec", "Input"]
+from a2mim.config import Range
+
+__all__ = ["SPEC_RANGES", "DetectorSpec", "Input"]
 
 
 @dataclass(frozen=True)
@@ -88,3 +90,34 @@ class Input:
     def max_side(self) -> int:
         """The longest image side any input can reach."""
         return max(self.max_size_train, self.max_size_test)
+
+
+_ONE_UP, _FRACTION = Range(lo=1), Range(lo=0, hi=1)
+SPEC_RANGES = {  # the numeric fields of DetectorSpec and Input (checked by the detect stage's load_config)
+    "model": {
+        "img_size": _ONE_UP,
+        "drop_path_rate": Range(lo=0, hi=1, hi_open=True),
+        "window_size": _ONE_UP,
+        "global_blocks": Range(lo=0),
+        "fpn_channels": _ONE_UP,
+        "anchor_sizes": Range(lo=0, lo_open=True),
+        "aspect_ratios": Range(lo=0, lo_open=True),
+        "rpn_batch_per_image": _ONE_UP,
+        "rpn_pre_nms_topk_train": _ONE_UP,
+        "rpn_post_nms_topk_train": _ONE_UP,
+        "rpn_pre_nms_topk_test": _ONE_UP,
+        "rpn_post_nms_topk_test": _ONE_UP,
+        "roi_batch_per_image": _ONE_UP,
+        "box_fc_dim": _ONE_UP,
+        "mask_conv_dim": _ONE_UP,
+        "mask_num_conv": _ONE_UP,
+        "score_thresh": _FRACTION,
+        "detections_per_image": _ONE_UP,
+    },
+    "input": {
+        "min_size_train": _ONE_UP,
+        "max_size_train": _ONE_UP,
+        "min_size_test": _ONE_UP,
+        "max_size_test": _ONE_UP,
+    },
+}

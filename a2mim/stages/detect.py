@@ -14,18 +14,13 @@ without it installed stops with the install instructions. The backend used is th
 ``backend``, ``derived.backend`` in ``resolved_config.yaml`` and ``backend`` in ``metrics.json``;
 the config hash covers the resolved backend, so a run never resumes under the other library.
 
-Training follows detectron2's solver: SGD (or AdamW) with ``lr = base_lr * global_batch /
-lr_batch_divisor``, linear warm-up from ``warmup_factor * lr`` over ``warmup_iters``, then x
-``gamma`` at each of ``steps`` (iterations); no weight decay on normalisation layers
-(``weight_decay_norm``), position embeddings and relative position biases; optional layer-wise
-lr decay for ViTs. Images without (non-crowd) annotations are left out of training, crowd
-regions are dropped from the training targets; augmentation is the horizontal flip here (drawn
-from ``(seed, epoch, index)``) and the multi-scale resize inside the detector (drawn from the
-global generator, seeded from ``(seed, step)`` before each step, which also fixes the RPN and
-RoI sampling). The learning rate is a function of the step, so a checkpoint needs no scheduler
-state: restarting the same command resumes from ``checkpoint.pt`` (model, optimizer, grad
-scaler, step) and, on the CPU in deterministic mode, ends with the weights of an uninterrupted
-run.
+Training follows detectron2's solver (`a2mim.detection.solver`). Images without (non-crowd)
+annotations are left out of training, crowd regions are dropped from the training targets;
+augmentation is the horizontal flip (drawn from ``(seed, epoch, index)``) and the multi-scale
+resize inside the detector (seeded from ``(seed, step)`` before each step, which also fixes the
+RPN and RoI sampling). Restarting the same command resumes from ``checkpoint.pt`` (model,
+optimizer, grad scaler, step) and, on the CPU in deterministic mode, ends with the weights of an
+uninterrupted run.
 
 Data: ``data.root`` is a COCO 2017 folder (``annotations/instances_{train,val}2017.json``,
 ``train2017/``, ``val2017/``; `a2mim.data.coco.validate_root` checks it before anything is
@@ -50,49 +45,50 @@ init report; with detectron2 its own config of the network and solver,
 
 from __future__ import annotations
 
-import bisect
-import contextlib
 import dataclasses
-import io
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import yaml
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from a2mim import atomic, predictions
 from a2mim.config import (
     ConfigError,
-    OptimBase,
-    Range,
     TransferRunConfig,
     bounded,
     check_ranges,
     from_dict,
     to_dict,
 )
-from a2mim.data.coco import (
-    CocoInstances,
-    clip_boxes,
-    coco_evaluate,
-    count_empty_boxes,
-    drop_crowd,
-    validate_root,
-)
+from a2mim.data.coco import CocoInstances, validate_root
 from a2mim.detection import DetectorSpec, Input, build_detector, resolve_backend
-from a2mim.detection.backbone import vit_layer_id
+from a2mim.detection.evaluate import evaluate_detector, load_detector
+from a2mim.detection.instances import (
+    DataConfig,
+    FlippedInstances,
+    collate,
+    count_empty_training_boxes,
+    hflip,
+    trainable_indices,
+)
 from a2mim.detection.precise_bn import update_bn_stats
+from a2mim.detection.solver import (
+    SolverConfig,
+    WarmupMultiStep,
+    build_optimizer,
+    lr_factor,
+    param_groups,
+    vit_depth_of,
+)
+from a2mim.detection.spec import SPEC_RANGES
 from a2mim.train import checkpoint, engine
 from a2mim.train.classify import tracked_derived
-from a2mim.train.distributed import broadcast_buffers, world_info
+from a2mim.train.distributed import broadcast_buffers
 from a2mim.train.encoder import check_backbone
 from a2mim.train.rundir import init_tags, require_init
 from a2mim.train.sampling import EpochSampler, mix_seed
@@ -100,57 +96,19 @@ from a2mim.train.sampling import EpochSampler, mix_seed
 __all__ = [
     "DataConfig",
     "DetectConfig",
+    "FlippedInstances",
     "SolverConfig",
     "build_optimizer",
     "evaluate_detector",
+    "hflip",
     "load_config",
     "load_detector",
     "lr_factor",
+    "param_groups",
     "run",
 ]
 
 log_ = logging.getLogger(__name__)
-Target = dict[str, Any]
-METRIC_NAMES = {"AP": "ap", "AP50": "ap50", "AP75": "ap75"}
-IOU_SUFFIX = {"bbox": "box", "segm": "mask"}
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """A COCO-format instance set: annotation files and image folders relative to ``root``
-    (defaults: the official COCO 2017 layout). ``val_limit`` evaluates on the first N
-    validation images only (the ground truth is restricted to them)."""
-
-    root: str = "data/coco"
-    train_ann: str = "annotations/instances_train2017.json"
-    train_images: str = "train2017"
-    val_ann: str = "annotations/instances_val2017.json"
-    val_images: str = "val2017"
-    hflip: float = bounded(0.5, ge=0, le=1)
-    filter_empty: bool = True
-    val_limit: int | None = bounded(None, ge=1)
-    eval_batch_size: int = bounded(1, ge=1)
-    num_workers: int = bounded(0, ge=0)
-
-
-@dataclass(frozen=True)
-class SolverConfig(OptimBase):
-    """detectron2's solver (``SOLVER.*``): iterations, not epochs. ``layer_decay`` (ViT only)
-    scales block ``i``'s lr by ``layer_decay ** (depth - i)`` (ViTDet / BEiT)."""
-
-    opt: Literal["sgd", "adamw"] = "sgd"
-    base_lr: float = bounded(0.02, gt=0)
-    lr_batch_divisor: int = bounded(16, ge=1)
-    momentum: float = bounded(0.9, ge=0, le=1)
-    betas: tuple[float, float] = bounded((0.9, 0.999), ge=0, lt=1)
-    weight_decay: float = bounded(1e-4, ge=0)
-    weight_decay_norm: float = bounded(0.0, ge=0)
-    layer_decay: float | None = bounded(None, gt=0, le=1)
-    max_iter: int = bounded(90000, ge=0)
-    steps: tuple[int, ...] = bounded((60000, 80000), ge=1)
-    gamma: float = bounded(0.1, gt=0)
-    warmup_iters: int = bounded(1000, ge=0)
-    warmup_factor: float = bounded(0.001, ge=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -166,37 +124,6 @@ class DetectConfig(TransferRunConfig):
     eval_every_steps: int | None = bounded(None, ge=1)  # null: evaluate at the end only
     ckpt_every_steps: int = bounded(1000, ge=1)
     log_every_steps: int = bounded(20, ge=1)
-
-
-_ONE_UP, _FRACTION = Range(lo=1), Range(lo=0, hi=1)
-SPEC_RANGES = {  # the numeric fields of a2mim.detection's DetectorSpec and Input
-    "model": {
-        "img_size": _ONE_UP,
-        "drop_path_rate": Range(lo=0, hi=1, hi_open=True),
-        "window_size": _ONE_UP,
-        "global_blocks": Range(lo=0),
-        "fpn_channels": _ONE_UP,
-        "anchor_sizes": Range(lo=0, lo_open=True),
-        "aspect_ratios": Range(lo=0, lo_open=True),
-        "rpn_batch_per_image": _ONE_UP,
-        "rpn_pre_nms_topk_train": _ONE_UP,
-        "rpn_post_nms_topk_train": _ONE_UP,
-        "rpn_pre_nms_topk_test": _ONE_UP,
-        "rpn_post_nms_topk_test": _ONE_UP,
-        "roi_batch_per_image": _ONE_UP,
-        "box_fc_dim": _ONE_UP,
-        "mask_conv_dim": _ONE_UP,
-        "mask_num_conv": _ONE_UP,
-        "score_thresh": _FRACTION,
-        "detections_per_image": _ONE_UP,
-    },
-    "input": {
-        "min_size_train": _ONE_UP,
-        "max_size_train": _ONE_UP,
-        "min_size_test": _ONE_UP,
-        "max_size_test": _ONE_UP,
-    },
-}
 
 
 def load_config(data: dict[str, Any], where: str = "config") -> DetectConfig:
@@ -234,254 +161,6 @@ def load_config(data: dict[str, Any], where: str = "config") -> DetectConfig:
     return cfg
 
 
-# ----------------------------------------------------------------------------- data
-
-
-class FlippedInstances(Dataset):
-    """Training items of a `CocoInstances` subset: key ``(epoch, i)`` gives item
-    ``indices[i]`` without crowd instances, flipped horizontally with probability ``p`` by a
-    draw seeded from ``(seed, epoch, i)`` (so a resumed run sees the same flips)."""
-
-    def __init__(self, dataset: CocoInstances, indices: list[int], p: float, seed: int):
-        self.dataset, self.indices, self.p, self.seed = dataset, indices, p, seed
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, Target]:
-        epoch, i = key
-        img_chw, target = self.dataset[self.indices[i]]
-        target, _ = clip_boxes(drop_crowd(target), *img_chw.shape[-2:])  # as detectron2
-        gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, i))
-        if float(torch.rand(1, generator=gen)) < self.p:
-            img_chw, target = hflip(img_chw, target)
-        return img_chw, target
-
-
-def hflip(img_chw: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
-    """Mirror an image and its boxes (``x1, y1, x2, y2``), masks and polygons left-right."""
-    width = img_chw.shape[-1]
-    boxes = target["boxes"].clone()
-    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
-    out = {**target, "boxes": boxes}
-    if "masks" in target:
-        out["masks"] = target["masks"].flip(-1)
-    if target.get("polygons") is not None:
-        out["polygons"] = [
-            None if polys is None else [_flip_x(p, width) for p in polys]
-            for polys in target["polygons"]
-        ]
-    return img_chw.flip(-1), out
-
-
-def _flip_x(polygon: np.ndarray, width: int) -> np.ndarray:
-    flipped = polygon.copy()
-    flipped[0::2] = width - polygon[0::2]
-    return flipped
-
-
-def _collate(items: list[tuple[torch.Tensor, Target]]) -> tuple[list, list]:
-    return [img for img, _ in items], [t for _, t in items]
-
-
-def trainable_indices(dataset: CocoInstances, filter_empty: bool) -> list[int]:
-    """Items with at least one non-crowd instance (detectron2's ``FILTER_EMPTY_ANNOTATIONS``),
-    or all items."""
-    if not filter_empty:
-        return list(range(len(dataset)))
-    skipped = set(dataset.skipped_ann_ids)
-    keep = []
-    for i, image_id in enumerate(dataset.ids):
-        anns = dataset.coco.imgToAnns.get(image_id, [])
-        if any(not a.get("iscrowd", 0) and a["id"] not in skipped for a in anns):
-            keep.append(i)
-    return keep
-
-
-def _subset_coco(coco: COCO, image_ids: list[int]) -> COCO:
-    """A COCO index over ``image_ids`` only, for COCOeval on part of a validation set."""
-    wanted = set(image_ids)
-    data = dict(coco.dataset)
-    data["images"] = [img for img in coco.dataset["images"] if img["id"] in wanted]
-    data["annotations"] = [a for a in coco.dataset["annotations"] if a["image_id"] in wanted]
-    sub = COCO()
-    sub.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-        sub.createIndex()
-    return sub
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def to_coco_results(
-    preds: list[dict[str, torch.Tensor]], image_ids: list[int], dataset: CocoInstances
-) -> list[dict[str, Any]]:
-    """COCO result dicts (``bbox`` xywh, compressed-RLE ``segmentation``, COCO category id)."""
-    results = []
-    for pred, image_id in zip(preds, image_ids, strict=True):
-        boxes = pred["boxes"].float().cpu()
-        masks = pred["masks"].cpu().numpy().astype(np.uint8)
-        for box, score, label, mask_hw in zip(
-            boxes.tolist(), pred["scores"].tolist(), pred["labels"].tolist(), masks, strict=True
-        ):
-            rle = mask_utils.encode(np.asfortranarray(mask_hw))
-            rle["counts"] = rle["counts"].decode("ascii")
-            x1, y1, x2, y2 = box
-            results.append(
-                {
-                    "image_id": image_id,
-                    "category_id": dataset.label_to_cat_id(int(label)),
-                    "score": float(score),
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "segmentation": rle,
-                }
-            )
-    return results
-
-
-@torch.no_grad()
-def evaluate_detector(
-    model: nn.Module,
-    dataset: CocoInstances,
-    device: torch.device,
-    batch_size: int = 1,
-    limit: int | None = None,
-    amp_dtype: torch.dtype | None = None,
-    evaluators: dict[str, Any] | None = None,
-) -> dict[str, float]:
-    """Box and mask AP / AP50 / AP75 (percent) of ``model`` on ``dataset`` (its first
-    ``limit`` images), by COCOeval. Each rank predicts a shard; rank 0's result covers all.
-    Returns ``{"ap_box", "ap50_box", ..., "ap75_mask", "detections"}``; ``evaluators`` (when
-    given) receives the COCOeval objects on rank 0 (:func:`a2mim.data.coco.coco_evaluate`)."""
-    rank, world = world_info()
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    shard = list(range(rank, count, world))
-    was_training = model.training
-    model.eval()
-    results: list[dict[str, Any]] = []
-    for start in engine.interruptible(range(0, len(shard), batch_size)):
-        idx = shard[start : start + batch_size]
-        images = [dataset.load_image(dataset.ids[i]).to(device) for i in idx]
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            preds = model(images)
-        results += to_coco_results(preds, [dataset.ids[i] for i in idx], dataset)
-    model.train(was_training)
-    if world > 1:  # COCOeval on rank 0 only; the others get its metrics
-        gathered: list[Any] | None = [None] * world if rank == 0 else None
-        torch.distributed.gather_object(results, gathered, dst=0)
-        results = [r for part in gathered for r in part] if rank == 0 else []
-    metrics: dict[str, float] | None = None
-    if rank == 0:
-        ids = dataset.ids[:count]
-        gt = dataset.coco if count == len(dataset) else _subset_coco(dataset.coco, ids)
-        ap = coco_evaluate(gt, results, evaluators=evaluators)
-        metrics = {
-            f"{METRIC_NAMES[name]}_{IOU_SUFFIX[iou]}": value
-            for key, value in ap.items()
-            for iou, name in [key.split("/")]
-        }
-        metrics["detections"] = float(len(results))
-    if world > 1:
-        box = [metrics]
-        torch.distributed.broadcast_object_list(box, src=0)
-        metrics = box[0]
-    return metrics
-
-
-# ----------------------------------------------------------------------------- optimisation
-
-
-def lr_factor(step: int, solver: SolverConfig) -> float:
-    """detectron2's ``WarmupMultiStepLR`` factor at iteration ``step`` (0-based): linear
-    warm-up from ``warmup_factor`` to 1 over ``warmup_iters``, times ``gamma`` per passed step."""
-    factor = solver.gamma ** bisect.bisect_right(solver.steps, step)
-    if step < solver.warmup_iters:
-        alpha = step / solver.warmup_iters
-        factor *= solver.warmup_factor * (1 - alpha) + alpha
-    return factor
-
-
-def _is_norm(module: nn.Module) -> bool:
-    """Normalisation layers of torch, timm and detectron2 (whose LayerNorm is its own class)."""
-    torch_norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
-    return isinstance(module, torch_norms) or "Norm" in type(module).__name__
-
-
-_NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "relative_position_bias_table")
-
-
-def param_groups(model: nn.Module, solver: SolverConfig, vit_depth: int | None) -> list[dict]:
-    """Parameter groups with their ``weight_decay`` and ``lr_scale``: normalisation layers get
-    ``weight_decay_norm``, embeddings and relative position biases none, the rest
-    ``weight_decay``; with ``layer_decay`` (ViT of ``vit_depth`` blocks) ``lr_scale`` follows
-    `a2mim.detection.backbone.vit_layer_id`."""
-    norm_params = {
-        id(p) for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)
-    }
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    seen: set[int] = set()
-    for name, param in model.named_parameters():
-        if not param.requires_grad or id(param) in seen:
-            continue
-        seen.add(id(param))
-        if id(param) in norm_params:
-            decay = solver.weight_decay_norm
-        elif name.split(".")[-1] in _NO_DECAY_NAMES:
-            decay = 0.0
-        else:
-            decay = solver.weight_decay
-        scale = 1.0
-        if solver.layer_decay is not None and vit_depth is not None:
-            scale = solver.layer_decay ** (vit_depth + 1 - vit_layer_id(name, vit_depth))
-        groups.setdefault((decay, scale), []).append(param)
-    return [
-        {"params": params, "weight_decay": decay, "lr_scale": scale}
-        for (decay, scale), params in sorted(groups.items())
-    ]
-
-
-def build_optimizer(
-    model: nn.Module, solver: SolverConfig, lr: float, vit_depth: int | None = None
-) -> torch.optim.Optimizer:
-    """SGD (momentum) or AdamW over `param_groups`; each group's lr is set per step by the
-    stage as ``lr * lr_scale * lr_factor(step)``."""
-    groups = [{**g, "lr": lr * g["lr_scale"]} for g in param_groups(model, solver, vit_depth)]
-    if solver.opt == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=solver.momentum)
-    return torch.optim.AdamW(groups, lr=lr, betas=solver.betas)
-
-
-class WarmupMultiStep:
-    """`lr_factor` as a per-iteration schedule: ``step_update(t)`` sets each group's lr to
-    ``lr * lr_scale * lr_factor(t)``. A function of the step, so it has no state to save."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, solver: SolverConfig):
-        self.optimizer, self.lr, self.solver = optimizer, lr, solver
-
-    def step_update(self, step: int) -> None:
-        factor = lr_factor(step, self.solver)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr * group["lr_scale"] * factor
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
-# ----------------------------------------------------------------------------- run
-
-
-def _vit_depth(model: nn.Module) -> int | None:
-    for module in model.modules():
-        blocks = getattr(module, "blocks", None)
-        if isinstance(blocks, nn.Sequential | nn.ModuleList) and hasattr(module, "patch_embed"):
-            return len(blocks)
-    return None
-
-
 def _open_datasets(
     cfg: DetectConfig, with_polygons: bool = False
 ) -> tuple[CocoInstances, CocoInstances]:
@@ -515,7 +194,7 @@ class DetectTask(engine.Task):
         require_init(cfg.init)
         self.train_set, self.val_set = _open_datasets(cfg, self.backend == "detectron2")
         self.train_idx = trainable_indices(self.train_set, cfg.data.filter_empty)
-        self.empty_boxes = _count_empty_boxes(self.train_set, self.train_idx, self.ctx.rank)
+        self.empty_boxes = count_empty_training_boxes(self.train_set, self.train_idx, self.ctx.rank)
         self.norm_world, self.norm = _norm(cfg, self.ctx)
         global_batch = cfg.batch_size * self.ctx.world * accum_steps
         what = f"{cfg.data.root}/{cfg.data.train_ann} (trainable images)"
@@ -531,7 +210,7 @@ class DetectTask(engine.Task):
             self.backend, cfg.model, cfg.input, num_classes, cfg.init, world_size=self.norm_world
         )
         self.model = model.to(self.ctx.device)
-        self.optimizer = build_optimizer(self.model, solver, self.lr, _vit_depth(self.model))
+        self.optimizer = build_optimizer(self.model, solver, self.lr, vit_depth_of(self.model))
         self.scheduler = WarmupMultiStep(self.optimizer, self.lr, solver)
 
     def derived(self) -> dict[str, Any]:
@@ -573,7 +252,7 @@ class DetectTask(engine.Task):
         return tracked_derived({k: v for k, v in derived.items() if k != "detectron2_config"})
 
     def batches(self, step: int):
-        return self.epoch_batches(step, self.flipped, len(self.train_idx), collate_fn=_collate)
+        return self.epoch_batches(step, self.flipped, len(self.train_idx), collate_fn=collate)
 
     def step_seed(self, step: int) -> int:
         return mix_seed(self.cfg.seed, 1, step, self.ctx.rank)  # resize, RPN/RoI sampling
@@ -643,7 +322,7 @@ class DetectTask(engine.Task):
             batch_size=cfg.batch_size,
             sampler=sampler,
             num_workers=cfg.data.num_workers,
-            collate_fn=_collate,
+            collate_fn=collate,
             drop_last=True,
         )
         torch.manual_seed(mix_seed(seed, ctx.rank))  # resize draws, RPN / RoI sampling
@@ -710,23 +389,6 @@ def _deterministic(cfg: DetectConfig, device: torch.device) -> bool:
     return device.type == "cpu" if cfg.deterministic is None else cfg.deterministic
 
 
-def _count_empty_boxes(dataset: CocoInstances, indices: list[int], rank: int) -> dict[str, int]:
-    """`count_empty_boxes` over the training images, with a warning (rank 0) when any."""
-    empty = count_empty_boxes(
-        dataset.coco, [dataset.ids[i] for i in indices], dataset.skipped_ann_ids
-    )
-    if empty["empty_boxes"] and rank == 0:
-        log_.warning(
-            "%s: %d of %d training boxes are empty after clipping to the image (width or "
-            "height <= 1e-5, in %d images) and are dropped, as detectron2's loader does",
-            dataset.ann_file,
-            empty["empty_boxes"],
-            empty["annotations"],
-            empty["images_affected"],
-        )
-    return empty
-
-
 def _norm(cfg: DetectConfig, ctx: engine.Context) -> tuple[int, str]:
     """``(processes BatchNorm synchronises over, the normalisation as built)``: SyncBatchNorm
     needs CUDA, so CPU processes keep plain BatchNorm (a warning says so)."""
@@ -748,20 +410,6 @@ def _norm(cfg: DetectConfig, ctx: engine.Context) -> tuple[int, str]:
 
 def _to(value: Any, device: torch.device) -> Any:
     return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-
-
-def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The detector stored in a ``detect`` run's ``model.pt``, in eval mode, with its ``meta``
-    (backend, model spec, input sizes, classes, COCO category ids)."""
-    saved = checkpoint.load(path)
-    meta = saved["meta"]
-    if meta.get("stage") != "detect":
-        raise ValueError(f"{path} is from stage {meta.get('stage')!r}, not detect")
-    spec = from_dict(DetectorSpec, meta["model"], f"{path}: meta.model")
-    inputs = from_dict(Input, meta["input"], f"{path}: meta.input")
-    model = build_detector(resolve_backend(meta["backend"]), spec, inputs, meta["num_classes"])
-    model.load_state_dict(saved["state_dict"], strict=True)
-    return model.eval(), meta
 
 
 run = engine.stage_runner(DetectTask)

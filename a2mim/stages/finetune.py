@@ -31,49 +31,31 @@ counts, so ``top1`` is over the whole set; rank 0 alone writes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from PIL import Image, ImageOps
-from timm.data import Mixup, auto_augment, create_transform
-from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.data import Mixup
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 from a2mim import predictions
-from a2mim.config import (
-    ConfigError,
-    EpochWarmupCosine,
-    ImageFolderData,
-    TransferRunConfig,
-    bounded,
-    from_dict,
-)
-from a2mim.data.device_pipeline import (
-    CropRecipe,
-    DeviceAugment,
-    DevicePrefetcher,
-    EncodedImages,
-    check_supported,
-    collate_encoded,
-)
-from a2mim.data.imagefolder import ImageFolderDataset
-from a2mim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from a2mim.config import ConfigError, EncoderConfig, TransferRunConfig, bounded, from_dict
+from a2mim.data.device_pipeline import DeviceAugment, EncodedImages, check_supported
 from a2mim.train import checkpoint, engine
-from a2mim.train.classify import (
-    AugmentedDataset,
-    AugSampler,
-    evaluate,
-    rng_scope,
-    tracked_derived,
-)
-from a2mim.train.distributed import broadcast_buffers
+from a2mim.train.classify import AugmentedDataset, ClassifyTask, rng_scope
 from a2mim.train.encoder import check_backbone, create_classifier, load_encoder
-from a2mim.train.optim import OptimConfig, build_scheduler, check_timm_optim
-from a2mim.train.rundir import init_tags, require_init
+from a2mim.train.optim import check_timm_optim
 from a2mim.train.sampling import mix_seed
+from a2mim.train.timm_recipe import (
+    DataConfig,
+    FinetuneOptimConfig,
+    LossConfig,
+    MixupConfig,
+    build_loss,
+    build_optimizer,
+    device_recipe,
+    train_transform,
+)
 
 __all__ = [
     "DataConfig",
@@ -87,92 +69,21 @@ __all__ = [
     "build_optimizer",
     "load_config",
     "run",
+    "train_transform",
 ]
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(EncoderConfig):
     """The timm classifier. ``backbone_kwargs`` and ``img_size`` must match the pre-training
     run's (``encoder.pt`` meta); ``global_pool: null`` keeps timm's default ("avg" for CNNs,
     "token" for ViTs); the reference ViT fine-tuning uses "avg", which in timm adds ``fc_norm``.
     ``head_init_std`` re-initialises the classifier weight with a truncated normal (MAE uses
     2e-5 for ViT fine-tuning); ``null`` keeps timm's init."""
 
-    backbone: str = "resnet50"
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    img_size: int = bounded(224, ge=1)
-    global_pool: str | None = None
     drop_path_rate: float = bounded(0.0, ge=0, lt=1)
     drop_rate: float = bounded(0.0, ge=0, lt=1)
     head_init_std: float | None = bounded(None, gt=0)
-
-
-@dataclass(frozen=True)
-class DataConfig(ImageFolderData):
-    """ImageFolder splits and timm's training transform (``create_transform`` arguments).
-
-    ``repeated_aug`` > 1 repeats each image that many times per epoch with different
-    augmentations (RSB A2 / DeiT use 3). Evaluation resizes to ``test_img_size / test_crop_pct``
-    (bicubic) and centre-crops ``test_img_size`` (default: ``model.img_size``)."""
-
-    scale: tuple[float, float] = bounded((0.08, 1.0), gt=0, le=1)  # crop scale
-    hflip: float = bounded(0.5, ge=0, le=1)
-    color_jitter: float | None = bounded(0.4, ge=0)
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
-    interpolation: str = "bicubic"
-    reprob: float = bounded(0.0, ge=0, le=1)
-    remode: Literal["const", "rand", "pixel"] = "pixel"
-    recount: int = bounded(1, ge=1)
-    repeated_aug: int = bounded(1, ge=1)
-    test_img_size: int | None = bounded(None, ge=1)
-    test_crop_pct: float = bounded(0.875, gt=0, le=1)
-    eval_batch_size: int | None = bounded(None, ge=1)
-    # pil: timm's transform in DataLoader workers (the reference); device: decode, crop, flip and
-    # random erasing on the training device (a2mim.data.device_pipeline; no RandAugment there)
-    pipeline: Literal["pil", "device"] = "pil"
-
-
-@dataclass(frozen=True)
-class MixupConfig:
-    """timm ``Mixup``; off when both alphas are 0. ``mode: batch`` needs an even batch."""
-
-    mixup_alpha: float = bounded(0.0, ge=0)
-    cutmix_alpha: float = bounded(0.0, ge=0)
-    prob: float = bounded(1.0, ge=0, le=1)
-    switch_prob: float = bounded(0.5, ge=0, le=1)
-    mode: Literal["batch", "pair", "elem"] = "batch"
-
-    @property
-    def active(self) -> bool:
-        return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """``ce``: cross-entropy (label smoothing ``smoothing``; soft targets under Mixup, where the
-    smoothing goes into the mixed targets). ``bce``: timm ``BinaryCrossEntropy`` (RSB), with
-    an optional ``bce_target_thresh`` that binarises the (mixed) targets."""
-
-    kind: Literal["ce", "bce"] = "ce"
-    smoothing: float = bounded(0.0, ge=0, lt=1)
-    bce_target_thresh: float | None = bounded(None, ge=0, le=1)
-
-
-@dataclass(frozen=True)
-class FinetuneOptimConfig(EpochWarmupCosine):
-    """A timm optimizer (``opt``: lamb, adamw, sgd, ... any ``timm.optim.list_optimizers()``
-    name) built by ``create_optimizer_v2`` (no weight decay on biases, norms and the model's
-    ``no_weight_decay()`` set; ``layer_decay`` gives timm's layer-wise lr decay groups);
-    warm-up then per-iteration cosine."""
-
-    opt: str = "lamb"
-    weight_decay: float = bounded(0.02, ge=0)
-    betas: tuple[float, float] | None = bounded(None, ge=0, lt=1)
-    momentum: float = bounded(0.9, ge=0, le=1)
-    layer_decay: float | None = bounded(None, gt=0, le=1)
-    warmup_epochs: float = bounded(5.0, ge=0)
-    warmup_lr: float = bounded(1e-6, ge=0)
-    min_lr: float = bounded(1e-6, ge=0)
 
 
 @dataclass(frozen=True)
@@ -200,23 +111,10 @@ def load_config(data: dict[str, Any], where: str = "config") -> FinetuneConfig:
     if cfg.data.pipeline == "device":
         try:
             check_supported(cfg.data.auto_augment, cfg.data.color_jitter)
-            _device_recipe(cfg)
+            device_recipe(cfg)
         except ValueError as exc:
             raise ConfigError(f"{where}: data.pipeline=device: {exc}") from None
     return cfg
-
-
-def _device_recipe(cfg: FinetuneConfig) -> CropRecipe:
-    d = cfg.data
-    return CropRecipe(
-        cfg.model.img_size,
-        d.scale,
-        interpolation=d.interpolation,
-        hflip=d.hflip,
-        reprob=d.reprob,
-        remode=d.remode,
-        recount=d.recount,
-    )
 
 
 def build_model(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict | None]:
@@ -242,232 +140,6 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict 
             model, cfg.init, cfg.model.backbone, cfg.model.img_size, cfg.model.backbone_kwargs
         )
     return model, report
-
-
-def build_optimizer(model: nn.Module, cfg: FinetuneOptimConfig, lr: float) -> torch.optim.Optimizer:
-    """timm's optimizer over ``model``'s parameter groups (weight-decay split, and layer-wise
-    lr decay groups carrying ``lr_scale`` when ``cfg.layer_decay`` is set; the scheduler
-    multiplies each group's lr by its ``lr_scale``)."""
-    extra: dict[str, Any] = {}
-    if cfg.betas is not None:
-        extra["betas"] = cfg.betas
-    return create_optimizer_v2(
-        model,
-        opt=cfg.opt.lower(),
-        lr=lr,
-        weight_decay=cfg.weight_decay,
-        momentum=cfg.momentum,
-        layer_decay=cfg.layer_decay,
-        **extra,
-    )
-
-
-def build_loss(cfg: LossConfig, mixup_active: bool) -> nn.Module:
-    """The training loss, as timm's ``train.py`` picks it (targets are class indices without
-    Mixup and dense mixed targets with it)."""
-    if cfg.kind == "bce":
-        smoothing = 0.0 if mixup_active else cfg.smoothing  # Mixup already smoothed the targets
-        return BinaryCrossEntropy(smoothing=smoothing, target_threshold=cfg.bce_target_thresh)
-    if mixup_active:
-        return SoftTargetCrossEntropy()
-    if cfg.smoothing > 0:
-        return LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
-    return nn.CrossEntropyLoss()
-
-
-def train_transform(cfg: FinetuneConfig):
-    """timm's ImageNet training transform (RandomResizedCrop, flip, RandAugment, random
-    erasing), PIL RGB in, normalised ``(3, img_size, img_size)`` tensor out."""
-    d = cfg.data
-    transform = create_transform(
-        cfg.model.img_size,
-        is_training=True,
-        scale=d.scale,
-        hflip=d.hflip,
-        color_jitter=d.color_jitter,
-        auto_augment=d.auto_augment,
-        interpolation=d.interpolation,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        re_prob=d.reprob,
-        re_mode=d.remode,
-        re_count=d.recount,
-    )
-    for step in getattr(transform, "transforms", []):
-        for op in getattr(step, "ops", []):  # timm RandAugment / AutoAugment operations
-            if op.aug_fn is auto_augment.posterize:
-                op.aug_fn = _posterize
-    return transform
-
-
-def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
-    """timm's posterize op for any Pillow. timm's "PosterizeIncreasing" (RandAugment ``inc1``)
-    asks for 0 bits at magnitude 10, which ``rand-m9-mstd0.5`` reaches often; Pillow >= 13
-    rejects 0 bits where older Pillow returned an all-black image. Keep that result."""
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep < 1:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits_to_keep)
-
-
-def open_splits(cfg, test_size: int) -> tuple[ImageFolderDataset, ImageFolderDataset]:
-    """The training split and the validation split (resized to ``test_size``) of an ImageFolder
-    classification stage; an error when their classes differ."""
-    d = cfg.data
-    train_set = ImageFolderDataset(d.root, d.split, on_corrupt=d.on_corrupt)
-    val_set = ImageFolderDataset(
-        d.root,
-        d.val_split,
-        transform=eval_transform(test_size, d.test_crop_pct),
-        on_corrupt=d.on_corrupt,
-    )
-    if val_set.classes != train_set.classes:
-        raise ValueError(
-            f"{d.root}: the classes of {d.split} ({len(train_set.classes)}) and "
-            f"{d.val_split} ({len(val_set.classes)}) differ; both splits need the same "
-            f"class folders"
-        )
-    return train_set, val_set
-
-
-class ClassifyTask(engine.Task):
-    """What fine-tuning and the linear probe share: ImageFolder splits, epochs of an
-    `AugSampler` order, top-1/top-5 evaluation every ``eval_every_epochs`` epochs."""
-
-    repeats = 1
-    augment: DeviceAugment | None = None  # data.pipeline: device (fine-tuning only)
-
-    def test_size(self) -> int:
-        return self.cfg.model.img_size
-
-    @property
-    def epochs_run(self) -> int:
-        """The epochs this run trains: ``epochs``, fewer when ``max_steps`` stops it early."""
-        return self.steps.end // self.steps.per_epoch
-
-    def prepare(self, accum_steps: int) -> engine.Steps:
-        cfg = self.cfg
-        require_init(cfg.init)
-        self.train_set, self.val_set = open_splits(cfg, self.test_size())
-        self.num_classes = len(self.train_set.classes)
-        global_batch = cfg.batch_size * self.ctx.world * accum_steps
-        what = f"{cfg.data.root}/{cfg.data.split}"
-        per_epoch = engine.epoch_steps(len(self.train_set), global_batch, what)
-        rank, world = self.ctx.rank, self.ctx.world
-        self.val_loader = DataLoader(
-            Subset(self.val_set, range(rank, len(self.val_set), world)),
-            batch_size=cfg.data.eval_batch_size or cfg.batch_size,
-            num_workers=cfg.data.num_workers,
-        )
-        return engine.Steps(cfg.epochs * per_epoch, global_batch, accum_steps, per_epoch)
-
-    def derived(self) -> dict[str, Any]:
-        return {
-            "num_images": len(self.train_set),
-            "num_val_images": len(self.val_set),
-            "num_classes": self.num_classes,
-            "classes": list(self.train_set.classes),
-        }
-
-    def tags(self) -> dict[str, str]:
-        return init_tags(self.cfg.model.backbone, self.init_report)
-
-    def tracked(self, derived: dict[str, Any]) -> dict[str, Any]:
-        return tracked_derived(derived)
-
-    def batches(self, step: int):
-        num = len(self.train_set)
-        if self.augment is None:
-            return self.epoch_batches(
-                step, self.seeded, num, AugSampler, sampler_repeats=self.repeats
-            )
-        raw = self.epoch_batches(
-            step,
-            self.encoded,
-            num,
-            AugSampler,
-            sampler_repeats=self.repeats,
-            collate_fn=collate_encoded,
-        )
-        steps = self.steps
-        keys = [
-            (s, m) for s in range(step, steps.segment_end(step)) for m in range(steps.accum_steps)
-        ]
-        # the next micro-batch is decoded and cropped on the device while this one trains
-        pairs = zip(keys, raw, strict=False)  # keys: exactly this segment's micro-batches
-        return iter(DevicePrefetcher(pairs, self._augment_batch, self.ctx.device))
-
-    def _augment_batch(self, key_and_batch) -> tuple[torch.Tensor, torch.Tensor]:
-        (step, micro), (data, target_b, index_b) = key_and_batch
-        gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, 4, step, micro, self.ctx.rank))
-        paths = [self.train_set.samples[i][0] for i in index_b.tolist()]
-        return self.augment(data, gen, paths), target_b.to(self.ctx.device, non_blocking=True)
-
-    def to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        img_bchw, target_b = batch
-        img_bchw, target_b = (
-            img_bchw.to(self.ctx.device, non_blocking=True),
-            target_b.to(self.ctx.device),
-        )
-        if self.cfg.channels_last:
-            img_bchw = img_bchw.contiguous(memory_format=torch.channels_last)
-        return img_bchw, target_b
-
-    def epoch_cosine(self):
-        """The warm-up + cosine scheduler of ``cfg.optim`` (an `EpochWarmupCosine`)."""
-        optim = self.cfg.optim
-        sched_cfg = OptimConfig(
-            warmup_epochs=optim.warmup_epochs,
-            warmup_lr=optim.warmup_lr,
-            min_lr=optim.min_lr,
-            schedule="cosine",
-        )
-        steps = self.steps
-        return build_scheduler(self.optimizer, sched_cfg, steps.total, steps.per_epoch)
-
-    def eval_due(self, done: int) -> bool:
-        epochs, rest = divmod(done, self.steps.per_epoch)
-        return rest == 0 and epochs % self.cfg.eval_every_epochs == 0
-
-    def classify(self, model: nn.Module, collect: bool = False) -> dict[str, Any]:
-        """top-1 / top-5 / loss of ``model`` on the whole validation set (every rank uses
-        rank 0's BatchNorm statistics, the ones it saves); ``collect``: also this rank's
-        per-sample predictions (`evaluate`)."""
-        broadcast_buffers(model)
-        loader = engine.interruptible(self.val_loader)
-        return evaluate(model, loader, self.ctx.device, self.ctx.amp_dtype, collect=collect)
-
-    def save_predictions(self, done: int, result: dict[str, Any]) -> None:
-        """Every rank: the per-sample predictions of the evaluation after step ``done``, as
-        ``predictions/epoch_<e>.npz`` (rank 0 writes), for the audit's paired statistics."""
-        ctx, epoch = self.ctx, done // self.steps.per_epoch
-        shard = range(ctx.rank, len(self.val_set), ctx.world)
-        where = predictions.path_of(ctx.out, predictions.epoch_name(epoch))
-        meta = {"stage": self.stage, "step": done, "epoch": epoch}
-        predictions.save_classification(where, self.val_set, shard, result, ctx.rank, **meta)
-
-    def record_extras(self, done: int) -> dict[str, float]:
-        return {"epoch": done // self.steps.per_epoch}
-
-    def meta(self) -> dict[str, Any]:
-        """``model.pt``'s meta (what `load_classifier` rebuilds the network from)."""
-        cfg = self.cfg
-        return {
-            "stage": self.stage,
-            "backbone": cfg.model.backbone,
-            "backbone_kwargs": dict(cfg.model.backbone_kwargs),
-            "img_size": cfg.model.img_size,
-            "test_img_size": self.test_size(),
-            "test_crop_pct": cfg.data.test_crop_pct,
-            "global_pool": cfg.model.global_pool,
-            "num_classes": self.num_classes,
-            "classes": list(self.train_set.classes),
-            "init": cfg.init,
-            "init_sha256": None if self.init_report is None else self.init_report["sha256"],
-            "config_hash": self.config_hash,
-            "steps": self.steps.total,
-        }
 
 
 class FinetuneTask(ClassifyTask):
@@ -511,7 +183,7 @@ class FinetuneTask(ClassifyTask):
         self.augment = None
         if cfg.data.pipeline == "device":
             on_corrupt = cfg.data.on_corrupt
-            self.augment = DeviceAugment(_device_recipe(cfg), device, on_corrupt=on_corrupt)
+            self.augment = DeviceAugment(device_recipe(cfg), device, on_corrupt=on_corrupt)
             self.encoded = EncodedImages(self.train_set)
 
     def derived(self) -> dict[str, Any]:

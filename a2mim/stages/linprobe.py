@@ -29,11 +29,17 @@ import torch
 from torch import nn
 
 from a2mim import predictions
-from a2mim.config import CropFlipData, EpochWarmupCosine, TransferRunConfig, bounded, from_dict
+from a2mim.config import (
+    CropFlipData,
+    EncoderConfig,
+    EpochWarmupCosine,
+    TransferRunConfig,
+    bounded,
+    from_dict,
+)
 from a2mim.data.transforms import pretrain_transform
-from a2mim.stages.finetune import ClassifyTask
 from a2mim.train import checkpoint, engine
-from a2mim.train.classify import AugmentedDataset, LinearProbe
+from a2mim.train.classify import AugmentedDataset, ClassifyTask, LinearProbe
 from a2mim.train.encoder import check_backbone, create_classifier, load_encoder
 
 __all__ = [
@@ -48,17 +54,13 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(EncoderConfig):
     """The frozen backbone and the probe. ``backbone_kwargs`` and ``img_size`` must match the
     pre-training run's; ``global_pool: null`` keeps timm's default pooling ("avg" for CNNs, the
     cls token after the final norm for ViTs, as MoCo v3 / MAE probe). ``feature_bn`` puts
     ``BatchNorm1d(affine=False)`` before the linear layer (MAE); the linear weight is drawn
     from N(0, ``head_init_std``^2), its bias 0."""
 
-    backbone: str = "resnet50"
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    img_size: int = bounded(224, ge=1)
-    global_pool: str | None = None
     feature_bn: bool = True
     head_init_std: float = bounded(0.01, gt=0)
 

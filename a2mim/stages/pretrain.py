@@ -21,12 +21,11 @@ alone writes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from a2mim.analysis.reconstruction import reconstruction_panels, save_reconstruction_figure
+from a2mim.analysis.reconstruction import figure_batch, save_training_figure
 from a2mim.config import ConfigError, CropFlipData, RunConfig, bounded, from_dict, to_dict
 from a2mim.data.device_pipeline import (
     CropRecipe,
@@ -36,12 +35,11 @@ from a2mim.data.device_pipeline import (
     collate_encoded,
 )
 from a2mim.data.imagefolder import ImageFolderDataset
-from a2mim.data.transforms import eval_transform, pretrain_transform
+from a2mim.data.transforms import pretrain_transform
 from a2mim.mim import MaskedImageModel, MIMConfig, get_preset
-from a2mim.mim.masking import fill_masked, upsample_mask
-from a2mim.stages.knn import KnnMonitor, KnnMonitorConfig
 from a2mim.train import checkpoint, engine
 from a2mim.train.distributed import local_rows
+from a2mim.train.knn import KnnMonitor, KnnMonitorConfig
 from a2mim.train.optim import (
     OptimConfig,
     build_optimizer,
@@ -197,7 +195,7 @@ class PretrainTask(engine.Task):
         figure = epochs % self.cfg.figure_every_epochs == 0 or done == self.steps.end
         if self.ctx.rank == 0 and figure:
             fig_path = self.ctx.out / "figures" / f"recon_ep{epochs:04d}.png"
-            _save_figure(self.model, self.fig_batch, fig_path, self.cfg)
+            save_training_figure(self.model, self.fig_batch, fig_path, self.cfg.model.preset)
             self.tracker.log_artifact(fig_path, "figures")
         if self.knn is not None and (
             epochs % self.cfg.knn.every_epochs == 0 or done == self.steps.end
@@ -241,38 +239,8 @@ def _micro_masks(
 
 
 def _figure_batch(cfg: PretrainConfig, mim_cfg: MIMConfig):
-    """Fixed validation images and masks for reconstruction figures (same every epoch)."""
-    root = Path(cfg.data.root)
-    split = cfg.data.val_split if (root / cfg.data.val_split).is_dir() else cfg.data.split
-    ds = ImageFolderDataset(
-        root,
-        split,
-        transform=eval_transform(mim_cfg.img_size, 1.0),
-        on_corrupt=cfg.data.on_corrupt,
-    )
-    step = max(1, len(ds) // cfg.figure_images)
-    # at most the split's images (a split smaller than figure_images gives them all)
-    picks = range(0, min(len(ds), step * cfg.figure_images), step)
-    imgs = torch.stack([ds[i][0] for i in picks])
-    gen = torch.Generator().manual_seed(mix_seed(cfg.seed, 3))
-    return imgs, gen.get_state()
-
-
-@torch.no_grad()
-def _save_figure(model: MaskedImageModel, fig_batch, path: Path, cfg: PretrainConfig) -> None:
-    imgs, gen_state = fig_batch
-    device = next(model.parameters()).device
-    model.eval()
-    gen = torch.Generator()
-    gen.set_state(gen_state)
-    mask = model.masker(imgs.shape[0], generator=gen)
-    out = model(imgs.to(device), mask.to(device))
-    mask_pix = upsample_mask(mask, model.cfg.mask_patch_size)[:, None]
-    filled = fill_masked(imgs, mask_pix, model.cfg.fill)
-    shown = filled if model.cfg.fill != "none" else None
-    panels = reconstruction_panels(imgs, out.pred_bchw.float().cpu(), mask_pix[:, 0], shown)
-    title = f"{cfg.model.preset} - {path.stem} - loss {out.loss.item():.4f}"
-    save_reconstruction_figure(panels, path, title=title)
+    """The run's fixed reconstruction-figure batch (`figure_batch`)."""
+    return figure_batch(cfg.data, mim_cfg.img_size, cfg.figure_images, cfg.seed)
 
 
 def load_config(data: dict[str, Any], where: str = "config") -> PretrainConfig:

@@ -39,36 +39,27 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
-from timm.scheduler import PolyLRScheduler
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
-from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
+from torch.utils.data import DataLoader, Subset
 
 from a2mim import atomic, predictions
-from a2mim.config import ConfigError, OptimBase, TransferRunConfig, bounded, from_dict
+from a2mim.config import ConfigError, TransferRunConfig, bounded, from_dict
 from a2mim.data.ade import ADE20KSegmentation, validate_root
-from a2mim.data.seg_transforms import SegTrainTransform, eval_input
-from a2mim.models.upernet import (
-    UperNetSegmenter,
-    build_upernet,
-    load_init,
-    param_groups,
-    slide_logits,
-    whole_logits,
-)
+from a2mim.data.seg_transforms import SegTrainTransform
+from a2mim.models.upernet import UperNetSegmenter, build_upernet, load_init
+from a2mim.segmentation.data import AugmentedSegSet, DataConfig, StreamSampler, TestInput
+from a2mim.segmentation.evaluate import EvalConfig, SegMetrics, evaluate
+from a2mim.segmentation.loss import LossConfig, seg_loss
+from a2mim.segmentation.solver import SegmentOptimConfig, build_optimizer, build_scheduler
 from a2mim.train import checkpoint, engine
 from a2mim.train.classify import tracked_derived
 from a2mim.train.distributed import broadcast_buffers
 from a2mim.train.encoder import check_backbone
 from a2mim.train.optim import check_timm_optim
 from a2mim.train.rundir import init_tags, require_init
-from a2mim.train.sampling import mix_seed
 
 __all__ = [
     "DataConfig",
@@ -107,70 +98,6 @@ class ModelConfig:
     aux_weight: float = bounded(0.4, ge=0)
     dropout: float = bounded(0.1, ge=0, lt=1)
     drop_path_rate: float = bounded(0.0, ge=0, lt=1)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """An ADE20K-layout folder (`a2mim.data.ade`) and mmseg's pipeline (`a2mim.data.seg_transforms`;
-    ``img_scale`` is ``(long, short)``, also the test size). The label convention is explicit
-    and checked against a sample of the label files before training (`a2mim.data.ade.validate_root`):
-    ``reduce_zero_label: true`` (ADE20K; the toy scenes too, with ``num_classes: 11``): raw 0 is
-    ignored and 1..K are the classes; ``false``: raw 0..K-1 are the classes and ``ignore_index``
-    is void. ``num_classes`` is K."""
-
-    root: str = "data/ade20k/ADEChallengeData2016"
-    split: str = "training"
-    val_split: str = "validation"
-    num_classes: int = bounded(150, ge=1, le=254)
-    reduce_zero_label: bool = True
-    ignore_index: int = bounded(255, ge=1, le=255)
-    img_scale: tuple[int, int] = bounded((2048, 512), ge=1)
-    ratio_range: tuple[float, float] = bounded((0.5, 2.0), gt=0)
-    crop_size: int = bounded(512, ge=1)
-    cat_max_ratio: float = bounded(0.75, gt=0, le=1)
-    hflip: float = bounded(0.5, ge=0, le=1)
-    photometric: bool = True
-    num_workers: int = bounded(4, ge=0)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Test-time inference: ``whole`` (one pass; mmseg's ResNet UperNet) or ``slide``
-    (``crop_size`` windows every ``stride`` pixels; mmseg's ViT UperNet, stride 341).
-    ``every_steps``: also evaluate during training (null: only at the end)."""
-
-    mode: Literal["whole", "slide"] = "whole"
-    stride: int = bounded(341, ge=1)
-    every_steps: int | None = bounded(None, ge=1)
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Pixel cross-entropy ignoring ``data.ignore_index``. mmseg's default
-    (``avg_non_ignore: false``) divides by all pixels of the batch, ignored ones included;
-    ``true`` divides by the labelled pixels only."""
-
-    avg_non_ignore: bool = False
-
-
-@dataclass(frozen=True)
-class SegmentOptimConfig(OptimBase):
-    """A timm optimizer (``create_optimizer_v2``) over `a2mim.models.upernet.param_groups`;
-    ``lr = base_lr * global_batch / lr_batch_divisor`` (the divisor 16 keeps mmseg's absolute
-    lr at batch 16). Warm-up: ``warmup_iters`` linear from ``lr * warmup_ratio``; then poly
-    ``(lr - min_lr) * (1 - t / T) ** power + min_lr`` over the remaining iterations."""
-
-    opt: str = "adamw"
-    base_lr: float = bounded(1e-4, gt=0)
-    lr_batch_divisor: int = bounded(16, ge=1)
-    weight_decay: float = bounded(0.05, ge=0)
-    betas: tuple[float, float] | None = bounded((0.9, 0.999), ge=0, lt=1)
-    momentum: float = bounded(0.9, ge=0, le=1)
-    layer_decay: float | None = bounded(None, gt=0, le=1)
-    warmup_iters: int = bounded(1500, ge=0)
-    warmup_ratio: float = bounded(1e-6, ge=0, le=1)
-    power: float = bounded(1.0, gt=0)
-    min_lr: float = bounded(0.0, ge=0)
 
 
 @dataclass(frozen=True)
@@ -253,204 +180,6 @@ def build_model(cfg: SegmentConfig) -> tuple[UperNetSegmenter, dict | None]:
     return model, report
 
 
-def build_optimizer(
-    model: UperNetSegmenter, cfg: SegmentOptimConfig, lr: float
-) -> torch.optim.Optimizer:
-    """timm's optimizer over the weight-decay / layer-decay groups of `param_groups`."""
-    extra: dict[str, Any] = {}
-    if cfg.betas is not None and cfg.opt.lower() not in ("sgd", "momentum", "nesterov"):
-        extra["betas"] = cfg.betas
-    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
-    return create_optimizer_v2(
-        groups,
-        opt=cfg.opt.lower(),
-        lr=lr,
-        weight_decay=cfg.weight_decay,
-        momentum=cfg.momentum,
-        **extra,
-    )
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: SegmentOptimConfig, total_steps: int, lr: float
-) -> PolyLRScheduler:
-    """Linear warm-up from ``lr * warmup_ratio`` over ``warmup_iters``, then poly decay to
-    ``min_lr`` at ``total_steps`` (stepped per iteration with ``step_update``; honours each
-    group's ``lr_scale``)."""
-    return PolyLRScheduler(
-        optimizer,
-        t_initial=max(total_steps - cfg.warmup_iters, 1),  # iters 0: never stepped
-        power=cfg.power,
-        lr_min=cfg.min_lr,
-        warmup_t=cfg.warmup_iters,
-        warmup_lr_init=lr * cfg.warmup_ratio,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
-
-
-def seg_loss(
-    logits_bkhw: torch.Tensor, label_bhw: torch.Tensor, ignore_index: int, avg_non_ignore: bool
-) -> torch.Tensor:
-    """Cross-entropy of logits resized (bilinear) to the label's size, in float32; the mean over
-    all pixels (mmseg default, ignored pixels count as 0) or over labelled pixels only."""
-    logits = F.interpolate(
-        logits_bkhw.float(), size=label_bhw.shape[-2:], mode="bilinear", align_corners=False
-    )
-    loss_bhw = F.cross_entropy(logits, label_bhw, ignore_index=ignore_index, reduction="none")
-    if avg_non_ignore:
-        return loss_bhw.sum() / (label_bhw != ignore_index).sum().clamp(min=1)
-    return loss_bhw.mean()
-
-
-# ------------------------------------------------------------------------------------- data
-
-
-class StreamSampler(Sampler[tuple[int, int]]):
-    """Keys ``(epoch, index)`` of the training stream, for steps ``[start, stop)``.
-
-    The stream visits the images in a permutation drawn from ``(seed, epoch)``, epoch after
-    epoch, without a gap at epoch ends (mmseg's infinite sampler); step ``s`` takes stream
-    positions ``s * global_batch .. + global_batch`` and rank ``r`` its rows ``r, r + world, ...``.
-    """
-
-    def __init__(
-        self,
-        num_samples: int,
-        seed: int,
-        batch_size: int,
-        start: int,
-        stop: int,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        self.num_samples, self.seed, self.batch_size = num_samples, seed, batch_size
-        self.start, self.stop, self.rank, self.world_size = start, stop, rank, world_size
-        self._perm: tuple[int, list[int]] | None = None
-
-    def _order(self, epoch: int) -> list[int]:
-        if self._perm is None or self._perm[0] != epoch:
-            gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
-            self._perm = (epoch, torch.randperm(self.num_samples, generator=gen).tolist())
-        return self._perm[1]
-
-    def __iter__(self):
-        global_batch = self.batch_size * self.world_size
-        for step in range(self.start, self.stop):
-            for row in range(self.batch_size):
-                position = step * global_batch + row * self.world_size + self.rank
-                epoch, pos = divmod(position, self.num_samples)
-                yield epoch, self._order(epoch)[pos]
-
-    def __len__(self) -> int:
-        return max(0, self.stop - self.start) * self.batch_size
-
-
-class AugmentedSegSet(Dataset):
-    """Key ``(epoch, index)`` -> the training transform of item ``index`` with a numpy
-    generator seeded from ``(seed, epoch, index)``."""
-
-    def __init__(self, dataset: ADE20KSegmentation, transform: SegTrainTransform, seed: int):
-        self.dataset, self.transform, self.seed = dataset, transform, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, index = key
-        img_chw, label_hw = self.dataset[index]
-        rng = np.random.default_rng([self.seed, epoch, index])
-        return self.transform(img_chw, label_hw, rng)
-
-
-@dataclass(frozen=True)
-class _TestInput:
-    """Dataset transform for evaluation: the test-size, normalised image and the label as is."""
-
-    img_scale: tuple[int, int]
-
-    def __call__(self, img_chw: torch.Tensor, label_hw: torch.Tensor):
-        return eval_input(img_chw, self.img_scale), label_hw
-
-
-# ------------------------------------------------------------------------------ evaluation
-
-
-class SegMetrics:
-    """mmseg's segmentation metrics over many images, ignoring ``ignore_index`` pixels.
-
-    ``miou``: torchmetrics ``MulticlassJaccardIndex(average="macro")``, the mean IoU over the
-    classes present in the labels or the predictions (a class absent from both is left out, as
-    mmseg's ``nanmean``). ``aacc``: correct / labelled pixels. ``macc``: mean per-class recall
-    over the classes with labelled pixels. Percent. Counts are summed over ranks on ``compute``.
-    """
-
-    def __init__(self, num_classes: int, ignore_index: int, device: torch.device | str = "cpu"):
-        self.jaccard = MulticlassJaccardIndex(
-            num_classes, average="macro", ignore_index=ignore_index
-        ).to(device)
-        self.confmat = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index).to(device)
-
-    def update(self, pred_bhw: torch.Tensor, label_bhw: torch.Tensor) -> None:
-        self.jaccard.update(pred_bhw, label_bhw)
-        self.confmat.update(pred_bhw, label_bhw)
-
-    def compute(self) -> dict[str, Any]:
-        """``{"miou", "aacc", "macc", "iou_per_class"}`` (per-class IoU NaN where a class is in
-        neither labels nor predictions)."""
-        cm = self.confmat.compute().double().cpu()  # rows: label, columns: prediction
-        hits, labelled, predicted = cm.diag(), cm.sum(1), cm.sum(0)
-        union = labelled + predicted - hits
-        iou = torch.where(union > 0, hits / union.clamp(min=1), torch.nan)
-        recall = torch.where(labelled > 0, hits / labelled.clamp(min=1), torch.nan)
-        return {
-            "miou": 100.0 * float(self.jaccard.compute()),
-            "aacc": 100.0 * float(hits.sum() / cm.sum().clamp(min=1)),
-            "macc": 100.0 * float(recall.nanmean()),
-            "iou_per_class": [100.0 * float(v) for v in iou],
-        }
-
-
-@torch.no_grad()
-def evaluate(
-    model: UperNetSegmenter,
-    loader: DataLoader,
-    cfg: SegmentConfig,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    per_image: list | None = None,
-) -> dict[str, Any]:
-    """`SegMetrics` of ``model`` over ``loader`` (items: test-size normalised image, label at
-    its original size; batch size 1 since sizes differ): logits whole or slid, resized to the
-    label, arg-max. ``per_image`` (when given) receives each image's per-class intersection
-    and union counts, in the loader's order (:func:`a2mim.predictions.segmentation_counts`)."""
-    was_training = model.training
-    model.eval()
-    metrics = SegMetrics(cfg.data.num_classes, cfg.data.ignore_index, device)
-    for img_bchw, label_bhw in loader:
-        img_bchw, label_bhw = img_bchw.to(device), label_bhw.to(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            if cfg.eval.mode == "slide":
-                logits = slide_logits(model, img_bchw, cfg.data.crop_size, cfg.eval.stride)
-            else:
-                logits = whole_logits(model, img_bchw)
-        logits = F.interpolate(
-            logits.float(), size=label_bhw.shape[-2:], mode="bilinear", align_corners=False
-        )
-        metrics.update(logits.argmax(1), label_bhw)
-        if per_image is not None:
-            for pred_hw, label_hw in zip(logits.argmax(1).cpu(), label_bhw.cpu(), strict=True):
-                counts = predictions.segmentation_counts(
-                    pred_hw.numpy(), label_hw.numpy(), cfg.data.num_classes, cfg.data.ignore_index
-                )
-                per_image.append(counts)
-    model.train(was_training)
-    return metrics.compute()
-
-
-# ------------------------------------------------------------------------------------- run
-
-
 class SegmentTask(engine.Task):
     """UperNet on a stream of augmented crops (no epochs); the decode + auxiliary loss; mIoU
     every ``eval.every_steps`` and at the end."""
@@ -470,7 +199,7 @@ class SegmentTask(engine.Task):
         }
         self.train_set = ADE20KSegmentation(d.root, d.split, **ade)
         self.val_set = ADE20KSegmentation(
-            d.root, d.val_split, transforms=_TestInput(d.img_scale), **ade
+            d.root, d.val_split, transforms=TestInput(d.img_scale), **ade
         )
         self.val_loader = DataLoader(
             Subset(self.val_set, range(ctx.rank, len(self.val_set), ctx.world)),

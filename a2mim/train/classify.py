@@ -9,6 +9,8 @@
   sees the batches an uninterrupted one would have seen.
 - ``evaluate``: top-1 / top-5 accuracy (percent) and cross-entropy on a labelled loader.
 - ``load_classifier``: rebuild the network stored in a stage's ``model.pt``.
+- ``ClassifyTask``: the engine task both stages extend (ImageFolder splits via ``open_splits``,
+  epochs of an ``AugSampler`` order, top-1/top-5 evaluation, ``model.pt``'s meta).
 """
 
 from __future__ import annotations
@@ -22,19 +24,27 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from a2mim.train import checkpoint
-from a2mim.train.distributed import world_info
+from a2mim import predictions
+from a2mim.data.device_pipeline import DeviceAugment, DevicePrefetcher, collate_encoded
+from a2mim.data.imagefolder import ImageFolderDataset
+from a2mim.data.transforms import eval_transform
+from a2mim.train import checkpoint, engine
+from a2mim.train.distributed import broadcast_buffers, world_info
 from a2mim.train.encoder import create_classifier
+from a2mim.train.optim import OptimConfig, build_scheduler
+from a2mim.train.rundir import init_tags, require_init
 from a2mim.train.sampling import EpochSampler, mix_seed
 
 __all__ = [
     "AugSampler",
     "AugmentedDataset",
+    "ClassifyTask",
     "LinearProbe",
     "evaluate",
     "load_classifier",
+    "open_splits",
     "rng_scope",
     "topk_correct",
     "tracked_derived",
@@ -241,3 +251,162 @@ def load_classifier(path: str | Path, ema: bool = False) -> tuple[nn.Module, dic
         raise ValueError(f"{path} is from stage {meta['stage']!r}, not finetune or linprobe")
     model.load_state_dict(saved[key], strict=True)
     return model.eval(), meta
+
+
+def open_splits(cfg, test_size: int) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+    """The training split and the validation split (resized to ``test_size``) of an ImageFolder
+    classification stage; an error when their classes differ."""
+    d = cfg.data
+    train_set = ImageFolderDataset(d.root, d.split, on_corrupt=d.on_corrupt)
+    val_set = ImageFolderDataset(
+        d.root,
+        d.val_split,
+        transform=eval_transform(test_size, d.test_crop_pct),
+        on_corrupt=d.on_corrupt,
+    )
+    if val_set.classes != train_set.classes:
+        raise ValueError(
+            f"{d.root}: the classes of {d.split} ({len(train_set.classes)}) and "
+            f"{d.val_split} ({len(val_set.classes)}) differ; both splits need the same "
+            f"class folders"
+        )
+    return train_set, val_set
+
+
+class ClassifyTask(engine.Task):
+    """What fine-tuning and the linear probe share: ImageFolder splits, epochs of an
+    `AugSampler` order, top-1/top-5 evaluation every ``eval_every_epochs`` epochs."""
+
+    repeats = 1
+    augment: DeviceAugment | None = None  # data.pipeline: device (fine-tuning only)
+
+    def test_size(self) -> int:
+        return self.cfg.model.img_size
+
+    @property
+    def epochs_run(self) -> int:
+        """The epochs this run trains: ``epochs``, fewer when ``max_steps`` stops it early."""
+        return self.steps.end // self.steps.per_epoch
+
+    def prepare(self, accum_steps: int) -> engine.Steps:
+        cfg = self.cfg
+        require_init(cfg.init)
+        self.train_set, self.val_set = open_splits(cfg, self.test_size())
+        self.num_classes = len(self.train_set.classes)
+        global_batch = cfg.batch_size * self.ctx.world * accum_steps
+        what = f"{cfg.data.root}/{cfg.data.split}"
+        per_epoch = engine.epoch_steps(len(self.train_set), global_batch, what)
+        rank, world = self.ctx.rank, self.ctx.world
+        self.val_loader = DataLoader(
+            Subset(self.val_set, range(rank, len(self.val_set), world)),
+            batch_size=cfg.data.eval_batch_size or cfg.batch_size,
+            num_workers=cfg.data.num_workers,
+        )
+        return engine.Steps(cfg.epochs * per_epoch, global_batch, accum_steps, per_epoch)
+
+    def derived(self) -> dict[str, Any]:
+        return {
+            "num_images": len(self.train_set),
+            "num_val_images": len(self.val_set),
+            "num_classes": self.num_classes,
+            "classes": list(self.train_set.classes),
+        }
+
+    def tags(self) -> dict[str, str]:
+        return init_tags(self.cfg.model.backbone, self.init_report)
+
+    def tracked(self, derived: dict[str, Any]) -> dict[str, Any]:
+        return tracked_derived(derived)
+
+    def batches(self, step: int):
+        num = len(self.train_set)
+        if self.augment is None:
+            return self.epoch_batches(
+                step, self.seeded, num, AugSampler, sampler_repeats=self.repeats
+            )
+        raw = self.epoch_batches(
+            step,
+            self.encoded,
+            num,
+            AugSampler,
+            sampler_repeats=self.repeats,
+            collate_fn=collate_encoded,
+        )
+        steps = self.steps
+        keys = [
+            (s, m) for s in range(step, steps.segment_end(step)) for m in range(steps.accum_steps)
+        ]
+        # the next micro-batch is decoded and cropped on the device while this one trains
+        pairs = zip(keys, raw, strict=False)  # keys: exactly this segment's micro-batches
+        return iter(DevicePrefetcher(pairs, self._augment_batch, self.ctx.device))
+
+    def _augment_batch(self, key_and_batch) -> tuple[torch.Tensor, torch.Tensor]:
+        (step, micro), (data, target_b, index_b) = key_and_batch
+        gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, 4, step, micro, self.ctx.rank))
+        paths = [self.train_set.samples[i][0] for i in index_b.tolist()]
+        return self.augment(data, gen, paths), target_b.to(self.ctx.device, non_blocking=True)
+
+    def to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        img_bchw, target_b = batch
+        img_bchw, target_b = (
+            img_bchw.to(self.ctx.device, non_blocking=True),
+            target_b.to(self.ctx.device),
+        )
+        if self.cfg.channels_last:
+            img_bchw = img_bchw.contiguous(memory_format=torch.channels_last)
+        return img_bchw, target_b
+
+    def epoch_cosine(self):
+        """The warm-up + cosine scheduler of ``cfg.optim`` (an `EpochWarmupCosine`)."""
+        optim = self.cfg.optim
+        sched_cfg = OptimConfig(
+            warmup_epochs=optim.warmup_epochs,
+            warmup_lr=optim.warmup_lr,
+            min_lr=optim.min_lr,
+            schedule="cosine",
+        )
+        steps = self.steps
+        return build_scheduler(self.optimizer, sched_cfg, steps.total, steps.per_epoch)
+
+    def eval_due(self, done: int) -> bool:
+        epochs, rest = divmod(done, self.steps.per_epoch)
+        return rest == 0 and epochs % self.cfg.eval_every_epochs == 0
+
+    def classify(self, model: nn.Module, collect: bool = False) -> dict[str, Any]:
+        """top-1 / top-5 / loss of ``model`` on the whole validation set (every rank uses
+        rank 0's BatchNorm statistics, the ones it saves); ``collect``: also this rank's
+        per-sample predictions (`evaluate`)."""
+        broadcast_buffers(model)
+        loader = engine.interruptible(self.val_loader)
+        return evaluate(model, loader, self.ctx.device, self.ctx.amp_dtype, collect=collect)
+
+    def save_predictions(self, done: int, result: dict[str, Any]) -> None:
+        """Every rank: the per-sample predictions of the evaluation after step ``done``, as
+        ``predictions/epoch_<e>.npz`` (rank 0 writes), for the audit's paired statistics."""
+        ctx, epoch = self.ctx, done // self.steps.per_epoch
+        shard = range(ctx.rank, len(self.val_set), ctx.world)
+        where = predictions.path_of(ctx.out, predictions.epoch_name(epoch))
+        meta = {"stage": self.stage, "step": done, "epoch": epoch}
+        predictions.save_classification(where, self.val_set, shard, result, ctx.rank, **meta)
+
+    def record_extras(self, done: int) -> dict[str, float]:
+        return {"epoch": done // self.steps.per_epoch}
+
+    def meta(self) -> dict[str, Any]:
+        """``model.pt``'s meta (what `load_classifier` rebuilds the network from)."""
+        cfg = self.cfg
+        return {
+            "stage": self.stage,
+            "backbone": cfg.model.backbone,
+            "backbone_kwargs": dict(cfg.model.backbone_kwargs),
+            "img_size": cfg.model.img_size,
+            "test_img_size": self.test_size(),
+            "test_crop_pct": cfg.data.test_crop_pct,
+            "global_pool": cfg.model.global_pool,
+            "num_classes": self.num_classes,
+            "classes": list(self.train_set.classes),
+            "init": cfg.init,
+            "init_sha256": None if self.init_report is None else self.init_report["sha256"],
+            "config_hash": self.config_hash,
+            "steps": self.steps.total,
+        }

@@ -14,7 +14,7 @@ from pathlib import Path
 WORKER = """
 import json, pathlib, sys, torch
 from a2mim.data.coco import CocoInstances
-from a2mim.stages import detect
+from a2mim.detection import evaluate as detect
 from a2mim.train import distributed as d
 
 root, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])

@@ -1,4 +1,4 @@
-# One rule per stage of the registry (a2mim/stages/__init__.py) that a workflow config lists
+# One rule per stage of the registry (a2mim/registry.py) that a workflow config lists
 # runs of (pretrain, finetune, linprobe, detect, segment): one job per run, started from its
 # init run's output, through `a2mim launch` (local process, SLURM job or in-process).
 
