@@ -71,7 +71,7 @@ from a2mim.train.classify import (
 )
 from a2mim.train.distributed import broadcast_buffers
 from a2mim.train.encoder import check_backbone, create_classifier, load_encoder
-from a2mim.train.optim import OptimConfig, build_scheduler, check_timm_optim
+from a2mim.train.optim import build_epoch_scheduler, check_timm_optim
 from a2mim.train.rundir import init_tags, require_init
 from a2mim.train.sampling import mix_seed
 
@@ -195,6 +195,7 @@ def load_config(data: dict[str, Any], where: str = "config") -> FinetuneConfig:
     cfg = from_dict(FinetuneConfig, data, where)
     check_backbone(cfg.model.backbone, where)
     check_timm_optim(cfg.optim.opt, cfg.optim.layer_decay, where)
+    cfg.optim.check_schedule(cfg.epochs, where)
     if cfg.mixup.active and cfg.mixup.mode == "batch" and cfg.batch_size % 2:
         raise ConfigError(f"{where}: Mixup/CutMix in batch mode needs an even batch_size")
     if cfg.data.pipeline == "device":
@@ -415,16 +416,9 @@ class ClassifyTask(engine.Task):
         return img_bchw, target_b
 
     def epoch_cosine(self):
-        """The warm-up + cosine scheduler of ``cfg.optim`` (an `EpochWarmupCosine`)."""
-        optim = self.cfg.optim
-        sched_cfg = OptimConfig(
-            warmup_epochs=optim.warmup_epochs,
-            warmup_lr=optim.warmup_lr,
-            min_lr=optim.min_lr,
-            schedule="cosine",
-        )
+        """The warm-up + cosine or step scheduler of ``cfg.optim`` (an `EpochWarmupCosine`)."""
         steps = self.steps
-        return build_scheduler(self.optimizer, sched_cfg, steps.total, steps.per_epoch)
+        return build_epoch_scheduler(self.optimizer, self.cfg.optim, steps.total, steps.per_epoch)
 
     def eval_due(self, done: int) -> bool:
         epochs, rest = divmod(done, self.steps.per_epoch)
