@@ -77,7 +77,16 @@ def _cmd_check(args: argparse.Namespace) -> int:
     argv = args.stage_argv[1:] if args.stage_argv[:1] == ["--"] else args.stage_argv
     if not argv:
         raise ConfigError("no stage given: a2mim check [--] <stage> <stage args>")
-    command.check(argv, require_data=not args.no_data)
+    from a2mim import preflight
+
+    if preflight.plan_elsewhere():  # missing backend / data root: the jobs' machine may have them
+        missing = "ignore" if args.no_data else "warn"
+        for text in command.check(
+            argv, require_data=not args.no_data, require_env=False, missing_root=missing
+        ):
+            print(f"{preflight.PLAN_ELSEWHERE_LABEL}: {text}", file=sys.stderr)
+    else:
+        command.check(argv, require_data=not args.no_data)
     print(f"a2mim check: `a2mim {' '.join(argv)}` is ready to run")
     return 0
 

@@ -145,12 +145,42 @@ class OptimBase:
 
 @dataclass(frozen=True)
 class EpochWarmupCosine(OptimBase):
-    """An epoch-based schedule: linear warm-up from ``warmup_lr`` over ``warmup_epochs``, then
-    per-iteration cosine to ``min_lr``."""
+    """The epoch-based schedule of the finetune and linprobe stages (built by
+    :func:`a2mim.train.optim.build_epoch_scheduler`): linear warm-up from ``warmup_lr`` over
+    ``warmup_epochs``, then either (``schedule: cosine``) a per-iteration cosine to ``min_lr``,
+    or (``schedule: step``, mmcv's ``step`` policy, e.g. the MoCo linear probe) the peak lr
+    times ``step_gamma`` per milestone of ``step_epochs`` reached. :meth:`check_schedule`
+    (run when the stage config loads) refuses a milestone outside the run's epochs."""
 
     warmup_epochs: float = bounded(0.0, ge=0)
     warmup_lr: float = bounded(0.0, ge=0)
     min_lr: float = bounded(0.0, ge=0)
+    schedule: Literal["cosine", "step"] = "cosine"
+    step_epochs: tuple[int, ...] = bounded((), ge=1)
+    step_gamma: float = bounded(0.1, gt=0)
+
+    def check_schedule(self, epochs: float, where: str = "config") -> None:
+        """A ``ConfigError`` naming the fix for milestones the run of ``epochs`` never reaches
+        (at or past the last epoch), out of order, or given to the cosine schedule."""
+        steps = list(self.step_epochs)
+        if self.schedule == "cosine":
+            if steps:
+                raise ConfigError(
+                    f"{where}: optim.step_epochs {steps} is read only by optim.schedule: step "
+                    "(the schedule is cosine); set optim.schedule: step or drop step_epochs"
+                )
+            return
+        late = [e for e in steps if not 0 < e < epochs]
+        if late:
+            raise ConfigError(
+                f"{where}: optim.step_epochs {steps}: milestone(s) {late} are not inside the "
+                f"{epochs:g} training epochs, so the lr would never decay there; set "
+                f"optim.step_epochs to epochs in (0, {epochs:g}) or use optim.schedule: cosine"
+            )
+        if steps != sorted(set(steps)):
+            raise ConfigError(
+                f"{where}: optim.step_epochs {steps} must be increasing (each milestone once)"
+            )
 
 
 @dataclass(frozen=True)

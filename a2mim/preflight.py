@@ -16,12 +16,20 @@ planning time (``snakemake -n`` too). It checks that
   ``validate_root`` is used where they offer one.
 
 Every problem is a :class:`PreflightError` naming the value, what was found and the fix.
+
+What depends on the machine rather than the config (a backend that is not installed here, an
+external dataset root that does not exist here) is an error too, in dry runs as in real ones,
+unless the user plans on a machine other than the jobs' (a login node without the data):
+:func:`plan_elsewhere` (workflow config ``plan_elsewhere: true`` or ``A2MIM_PLAN_ELSEWHERE=1``)
+turns exactly those into labelled warnings.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +44,47 @@ class NotInstalledError(PreflightError):
     """What the config asks for is not installed on this machine (a backend)."""
 
 
+PLAN_ELSEWHERE_ENV = "A2MIM_PLAN_ELSEWHERE"
+PLAN_ELSEWHERE_LABEL = (
+    "a2mim pre-flight WARNING (plan_elsewhere: planning on a machine other than the jobs'; "
+    "they fail there unless it has this)"
+)
+
+
+def plan_elsewhere(config: Mapping[str, Any] | None = None) -> bool:
+    """Whether the user plans on a machine other than the jobs' (a login node without the
+    data): the workflow config's ``plan_elsewhere: true`` or ``A2MIM_PLAN_ELSEWHERE=1``."""
+    if config is not None and config.get("plan_elsewhere"):
+        return True
+    return os.environ.get(PLAN_ELSEWHERE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+PLAN_ELSEWHERE_HELP = (
+    f"(to plan on a machine without the data or the backend, e.g. a login node: "
+    f"plan_elsewhere: true in the workflow config, or {PLAN_ELSEWHERE_ENV}=1)"
+)
+
+
 def check(
-    stage: Any, cfg: Any, *, require_data: bool = True, require_env: bool = True
+    stage: Any,
+    cfg: Any,
+    *,
+    require_data: bool = True,
+    require_env: bool = True,
+    missing_root: str | None = None,
 ) -> list[str]:
     """Every pre-flight check of ``cfg`` for registry entry ``stage``; returns the problems of
     this machine that were let pass (see below), to be shown as warnings.
 
-    ``require_data=False`` (the workflow, whose datasets may be made by its own rules): a
-    missing ``data.root`` is no error; a root that exists with the wrong layout still is.
-    ``require_env=False`` (a dry run, which may plan on a machine other than the jobs'): a
+    ``require_data=False`` (the workflow, whose inits are written by upstream runs): a missing
+    ``--init`` file and a missing ``data.root`` are no error; a root or init that exists but is
+    wrong still is. ``missing_root`` overrides what a missing ``data.root`` is: ``"error"``,
+    ``"warn"`` (returned) or ``"ignore"``. ``require_env=False`` (:func:`plan_elsewhere`): a
     backend that is not installed here is returned instead of raised."""
+    if missing_root is None:
+        missing_root = "error" if require_data else "ignore"
+    if missing_root not in ("error", "warn", "ignore"):
+        raise ValueError(f"missing_root must be error, warn or ignore, not {missing_root!r}")
     warnings: list[str] = []
     backend = getattr(cfg, "backend", None)
     if isinstance(backend, str):
@@ -66,14 +105,33 @@ def check(
     root = getattr(data, "root", None)
     if isinstance(root, str):
         if not Path(root).exists():
-            if require_data:
-                raise PreflightError(
-                    f"data.root: {root} does not exist; point data.root (--set data.root=... or "
-                    f"the workflow config's datasets) at a {_LAYOUT_HELP[stage.layout]}"
-                )
+            text = (
+                f"data.root: {root} does not exist; point data.root (--set data.root=... or "
+                f"the workflow config's datasets) at {_a(_LAYOUT_HELP[stage.layout])}"
+            )
+            if missing_root == "error":
+                raise PreflightError(text)
+            if missing_root == "warn":
+                warnings.append(text)
             return warnings
         check_layout(stage.layout, Path(root), data)
     return warnings
+
+
+def missing_roots(uses: Mapping[str, tuple[str, Iterable[str], Iterable[str]]]) -> list[str]:
+    """One problem per external dataset whose root does not exist here: ``uses`` maps a
+    workflow dataset name to ``(root, layouts its runs read, those runs)``."""
+    problems = []
+    for name, (root, layouts, runs) in uses.items():
+        if Path(root).exists():
+            continue
+        wanted = " and ".join(_LAYOUT_HELP[layout] for layout in sorted(set(layouts)))
+        problems.append(
+            f"datasets.{name}.root: {root} does not exist on this machine (read by "
+            f"{', '.join(sorted(runs))}); set datasets.{name}.root in the workflow config "
+            f"(or --config/--configfile) to {_a(wanted)}"
+        )
+    return problems
 
 
 def check_backend(name: str) -> None:
@@ -224,6 +282,10 @@ _LAYOUT_HELP = {
 }
 
 
+def _a(text: str) -> str:
+    return f"{'an' if text[:1].upper() in 'AEIOU' else 'a'} {text}"
+
+
 def check_layout(layout: str, root: Path, data: Any) -> None:
     """``root`` holds what a stage of ``layout`` reads (the config's split names and files)."""
     module = {"coco": "a2mim.data.coco", "ade": "a2mim.data.ade"}.get(layout)
@@ -238,14 +300,14 @@ def check_layout(layout: str, root: Path, data: Any) -> None:
     if missing:
         raise PreflightError(
             f"data.root: {root} does not hold what this stage reads: missing "
-            f"{', '.join(str(p) for p in missing)}; data.root must be a {_LAYOUT_HELP[layout]}"
+            f"{', '.join(str(p) for p in missing)}; data.root must be {_a(_LAYOUT_HELP[layout])}"
         )
     if layout == "imagefolder":
         for split in _expected(layout, root, data):
             if not any(p.is_dir() for p in split.iterdir()):
                 raise PreflightError(
-                    f"data.root: {split} has no class folders; data.root must be a "
-                    f"{_LAYOUT_HELP[layout]}"
+                    f"data.root: {split} has no class folders; data.root must be "
+                    f"{_a(_LAYOUT_HELP[layout])}"
                 )
 
 
@@ -274,6 +336,7 @@ def _expected(layout: str, root: Path, data: Any) -> list[Path]:
 
 
 __all__ = [
+    "PLAN_ELSEWHERE_ENV",
     "NotInstalledError",
     "PreflightError",
     "check",
@@ -283,4 +346,6 @@ __all__ = [
     "check_fixed_grid",
     "check_init_family",
     "check_layout",
+    "missing_roots",
+    "plan_elsewhere",
 ]

@@ -351,55 +351,96 @@ class Matrix:
 
     # -- pre-flight ------------------------------------------------------------------------
 
-    def preflight(self, dry_run: bool = False, cache: Path | None = PREFLIGHT_CACHE) -> list[str]:
+    def preflight(self, cache: Path | None = PREFLIGHT_CACHE) -> list[str]:
         """Resolve and validate every run's stage command as its job will (recipe, sets, keys,
         types, ranges, backend, backbone, dataset layout), so that ``snakemake -n`` already
-        fails on what would fail in a job. A dataset root absent on this machine is no error
-        here (a rule may make it; ``a2mim launch`` checks it before it submits); a wrong layout
-        is. A dry run (which may plan elsewhere than the jobs run) reports a backend that is
-        not installed here as a warning (returned and printed); a real run stops on it.
+        fails on what would fail in a job; every problem of every run is listed at once (one
+        line per problem, with the runs it stops), then nothing is run or submitted.
+
+        Dry runs and real runs check alike. A backend that is not installed here and an
+        external dataset root (``datasets.<name>.root``) that does not exist here are errors,
+        unless the config says ``plan_elsewhere: true`` (or ``A2MIM_PLAN_ELSEWHERE=1``: planning
+        on a machine other than the jobs', e.g. a login node without the data), which turns
+        exactly those into labelled warnings (returned and printed) and passes the setting on to
+        the launchers' own checks. A dataset a rule of the DAG makes is exempt until made; a
+        root that exists with the wrong layout is always an error.
 
         Checking imports every stage's module (torch, timm, torchmetrics: seconds each), so a
         passed check is remembered in ``cache`` (Snakemake's own ``.snakemake/`` folder), keyed
-        by the command, the package's files, whether detectron2 is installed and the state of
-        the run's data root and init file; anything that changes one of them checks it again."""
-        from a2mim import command
+        by the command, the package's files, whether detectron2 is installed, the strictness
+        and the state of the run's data root and init file; a change to any of them checks it
+        again."""
+        from a2mim import command, preflight
         from a2mim.config import ConfigError
 
+        elsewhere = preflight.plan_elsewhere(self.config)
+        if elsewhere:  # `a2mim launch` checks again before it submits: same opt-out there
+            os.environ[preflight.PLAN_ELSEWHERE_ENV] = "1"
         todo = [
-            (f"{stage}.{name}", [stage, *shlex.split(self.stage_args(stage, name))])
+            (
+                f"{stage}.{name}",
+                stage,
+                spec["data"],
+                [stage, *shlex.split(self.stage_args(stage, name))],
+            )
             for stage in STAGES
-            for name in self.runs(stage)
+            for name, spec in self.runs(stage).items()
         ]
         todo += [
-            (f"analysis.{fig}", ["analyze", fig, *shlex.split(self.figure_args(fig))])
-            for fig in self.figures()
+            (
+                f"analysis.{fig}",
+                "analyze",
+                spec["data"],
+                ["analyze", fig, *shlex.split(self.figure_args(fig))],
+            )
+            for fig, spec in self.figures().items()
         ]
+        uses: dict[str, tuple[str, set[str], set[str]]] = {}
+        for where, stage, data, _ in todo:
+            spec = self.config["datasets"][data]
+            if "root" in spec:  # external: must exist; made by a rule: exempt until made
+                entry = uses.setdefault(data, (spec["root"], set(), set()))
+                entry[1].add(registry.get(stage).layout)
+                entry[2].add(where)
+        errors: dict[str, list[str]] = {
+            text: [] for text in preflight.missing_roots(uses)
+        }  # problem -> the runs it stops (named in the text for a missing root)
         warnings: dict[str, list[str]] = {}
+        if elsewhere:
+            warnings, errors = {text: [] for text in errors}, {}
         package = _package_stamp()
-        for where, argv in todo:
-            memo = cache / _check_key(argv, package, dry_run) if cache else None
+        for where, _, _, argv in todo:
+            memo = cache / _check_key(argv, package, not elsewhere) if cache else None
             if memo is not None and memo.is_file():
                 found = json.loads(memo.read_text())
             else:
                 try:
-                    found = command.check(argv, require_data=False, require_env=not dry_run)
+                    found = command.check(
+                        argv, require_data=False, require_env=not elsewhere, missing_root="ignore"
+                    )
                 except (ConfigError, FileNotFoundError, ValueError) as exc:
                     config = argv[argv.index("--config") + 1]
-                    raise ConfigMatrixError(
-                        f"{where} (`a2mim {argv[0]} --config {config} ...`): {exc}; fix the "
-                        "run's recipe or its set: in the workflow config"
-                    ) from None
+                    errors.setdefault(str(exc), []).append(
+                        f"{where} (`a2mim {argv[0]} --config {config} ...`)"
+                    )
+                    continue
                 if memo is not None:
                     memo.parent.mkdir(parents=True, exist_ok=True)
                     memo.write_text(json.dumps(found))
             for text in found:
                 warnings.setdefault(text, []).append(where)
         for text, runs in warnings.items():
-            print(
-                f"a2mim pre-flight WARNING (dry run; a real run stops here) for {', '.join(runs)}: "
-                f"{text}",
-                file=sys.stderr,
+            where = f" for {', '.join(runs)}" if runs else ""
+            print(f"{preflight.PLAN_ELSEWHERE_LABEL}{where}: {text}", file=sys.stderr)
+        if errors:
+            lines = [
+                f"- {', '.join(runs)}: {text}" if runs else f"- {text}"
+                for text, runs in errors.items()
+            ]
+            raise ConfigMatrixError(
+                f"pre-flight found {len(errors)} problem(s); nothing was run or submitted. Fix "
+                "each (a run's recipe or its set: in the workflow config, the dataset roots, the "
+                f"environment) {preflight.PLAN_ELSEWHERE_HELP}:\n" + "\n".join(lines)
             )
         return list(warnings)
 
@@ -467,11 +508,11 @@ def _path_stamp(text: str) -> str:
     return f"{text}: " + " ".join(str(p.stat().st_mtime_ns) for p in [path, *entries])
 
 
-def _check_key(argv: list[str], package: str, dry_run: bool) -> str:
+def _check_key(argv: list[str], package: str, strict_env: bool) -> str:
     paths = [v.split("=", 1)[1].strip('"') for v in argv if v.startswith("data.root=")]
     paths += [argv[i + 1] for i, v in enumerate(argv[:-1]) if v == "--init"]
     d2 = importlib.util.find_spec("detectron2") is not None
-    text = json.dumps([argv, package, dry_run, d2, [_path_stamp(p) for p in paths]])
+    text = json.dumps([argv, package, strict_env, d2, [_path_stamp(p) for p in paths]])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

@@ -185,3 +185,15 @@ def test_full_disk_during_a_checkpoint_says_so_and_where(fmnist, tiny_fs, tmp_pa
     )  # fmt: skip
     _refused(result, "no space left on device while writing", str(out), "free space")
     assert not list(out.glob("*.tmp")) and not (out / "checkpoint.pt").exists()
+
+
+def test_check_of_a_missing_root_is_an_error_unless_planning_elsewhere(tmp_path):
+    """`a2mim check` (what `a2mim launch` runs before it submits) refuses a data.root that
+    does not exist; A2MIM_PLAN_ELSEWHERE=1 (the workflow's plan_elsewhere) makes it a warning."""
+    argv = ["check", "--", "linprobe", "--config", "tiny", "--out", str(tmp_path / "run")]
+    argv += ["--set", f"data.root={tmp_path / 'nope'}"]
+    _refused(_a2mim(*argv), f"data.root: {tmp_path / 'nope'} does not exist")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "A2MIM_PLAN_ELSEWHERE": "1"}
+    result = subprocess.run([*A2MIM, *argv], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "WARNING (plan_elsewhere" in result.stderr and "does not exist" in result.stderr

@@ -3,7 +3,13 @@
 Layout (the ADEChallengeData2016 release)::
 
     root/images/{training,validation}/<stem>.jpg       (.jpeg and .png are accepted too)
-    root/annotations/{training,validation}/<stem>.png  (mode L or P, values 0..num_classes)
+    root/annotations/{training,validation}/<stem>.png  (mode L or P, values 0..num_classes;
+                                                        16-bit grayscale I;16 is read as is)
+
+Images are read as 8-bit RGB; a 16-bit grayscale image is scaled as ``round(v / 257)``
+(:func:`a2mim.data.imagefolder.to_rgb`), never clipped to 0/255. A 16-bit *label* PNG keeps its
+integer values (no scaling: they are class ids) and is checked against ``num_classes`` and the
+label convention like an 8-bit one.
 
 Label convention of ADE20K: 0 means "other / not annotated", 1..150 are the classes. With
 ``reduce_zero_label=True`` (the mmsegmentation setting for ADE20K) 0 becomes ``ignore_index``
@@ -34,12 +40,14 @@ import torch
 from PIL import Image
 
 from a2mim.config import ConfigError
+from a2mim.data.imagefolder import to_rgb
 
 __all__ = ["ADE20KSegmentation", "AdeLayoutError", "reduce_zero_label", "validate_root"]
 
 SPLITS = ("training", "validation")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-LABEL_MODES = ("L", "P")
+LABEL_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I;16N", "I")  # single-channel integer
+LABEL_MODES_TEXT = "8-bit L or P, or 16-bit grayscale I;16"
 LAYOUT = (
     "images/training/*.jpg, images/validation/*.jpg, annotations/training/*.png and "
     "annotations/validation/*.png (the ADEChallengeData2016 layout; one single-channel label "
@@ -60,6 +68,19 @@ def reduce_zero_label(label_hw: np.ndarray, ignore_index: int = 255) -> np.ndarr
     """
     label_hw = label_hw.astype(np.int64)
     return np.where(label_hw == 0, ignore_index, label_hw - 1)
+
+
+def read_label(path: Path) -> np.ndarray:
+    """A label PNG's class values as an integer (H, W) array: mode P gives palette indices
+    (the class values), 16-bit grayscale its integers unscaled."""
+    with Image.open(path) as label:
+        if label.mode not in LABEL_MODES:
+            raise ValueError(
+                f"{path}: label image has mode {label.mode!r}; it must be a single-channel PNG "
+                f"of class values ({LABEL_MODES_TEXT})"
+            )
+        values_hw = np.asarray(label)
+    return values_hw.astype(np.int64) if values_hw.dtype.kind in "ui" else values_hw
 
 
 class ADE20KSegmentation(torch.utils.data.Dataset):
@@ -129,7 +150,7 @@ class ADE20KSegmentation(torch.utils.data.Dataset):
             if label_mode not in LABEL_MODES:
                 raise ValueError(
                     f"{label_path}: label image has mode {label_mode!r}; it must be a "
-                    f"single-channel 8-bit PNG (mode {' or '.join(LABEL_MODES)}), not a "
+                    f"single-channel PNG of class values ({LABEL_MODES_TEXT}), not a "
                     f"color rendering of the labels"
                 )
             if image_size != label_size:
@@ -146,15 +167,15 @@ class ADE20KSegmentation(torch.utils.data.Dataset):
     def load_label(self, index: int) -> np.ndarray:
         """Training label of item ``index``: int64 array (H, W), range-checked."""
         label_path = self.samples[index][1]
-        with Image.open(label_path) as label:
-            # Mode P yields palette indices, which are the class values.
-            raw_hw = np.asarray(label)
+        raw_hw = read_label(label_path)
         present = np.unique(raw_hw)
         if self.reduce_zero_label:
-            bad = present[present > self.num_classes]
+            bad = present[(present > self.num_classes) | (present < 0)]
             allowed = f"0..{self.num_classes} (0 = ignored)"
         else:
-            bad = present[(present >= self.num_classes) & (present != self.ignore_index)]
+            bad = present[
+                ((present >= self.num_classes) & (present != self.ignore_index)) | (present < 0)
+            ]
             allowed = f"0..{self.num_classes - 1} or {self.ignore_index} (ignored)"
         if bad.size:
             raise ValueError(
@@ -169,7 +190,7 @@ class ADE20KSegmentation(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path = self.samples[index][0]
         with Image.open(image_path) as image:
-            rgb_hwc = np.asarray(image.convert("RGB"))
+            rgb_hwc = np.asarray(to_rgb(image))  # 16-bit grayscale: round(v / 257), not 0/255
         img_chw = torch.from_numpy(rgb_hwc.copy()).permute(2, 0, 1).float().div_(255.0)
         label_hw = torch.from_numpy(self.load_label(index))
         if self.transforms is not None:
@@ -197,7 +218,7 @@ def _check_values(
     setting to change."""
     rule = _convention(reduce_zero, num_classes, ignore_index)
     if reduce_zero:
-        bad = values[values > num_classes]
+        bad = values[(values > num_classes) | (values < 0)]
         classes = values[values != ignore_index]
         if (
             bad.size
@@ -211,7 +232,7 @@ def _check_values(
         else:
             hint = "set data.num_classes to the number of classes of this dataset"
     else:
-        bad = values[(values >= num_classes) & (values != ignore_index)]
+        bad = values[((values >= num_classes) & (values != ignore_index)) | (values < 0)]
         if bad.size and bad.max() == num_classes and ignore_index not in values:
             hint = (
                 f"values reach {num_classes}: it looks like the ADE convention (0 = ignored, "
@@ -269,12 +290,12 @@ def validate_root(
                 )
             with Image.open(image_path) as image, Image.open(label_path) as label:
                 image_size, mode = image.size, label.mode
-                values_hw = np.asarray(label) if mode in LABEL_MODES else None
-            if values_hw is None:
+            if mode not in LABEL_MODES:
                 raise AdeLayoutError(
                     f"{label_path}: label image has mode {mode!r}; labels must be single-channel "
-                    f"8-bit PNGs (mode L or P) holding class values, not color renderings"
+                    f"PNGs ({LABEL_MODES_TEXT}) holding class values, not color renderings"
                 )
+            values_hw = read_label(label_path)
             if values_hw.shape[::-1] != image_size:
                 raise AdeLayoutError(
                     f"size mismatch: image {image_path} is {image_size[0]}x{image_size[1]} (WxH) "

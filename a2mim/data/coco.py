@@ -44,6 +44,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from a2mim.config import ConfigError
+from a2mim.data.imagefolder import to_rgb
 
 __all__ = [
     "COCO2017_LAYOUT",
@@ -437,7 +438,7 @@ class CocoInstances(torch.utils.data.Dataset):
         info = self.coco.imgs[image_id]
         path = self.image_root / info["file_name"]
         with Image.open(path) as image:
-            rgb_hwc = np.asarray(image.convert("RGB"))
+            rgb_hwc = np.asarray(to_rgb(image))  # 16-bit grayscale: round(v / 257), not 0/255
         height, width = rgb_hwc.shape[:2]
         if (height, width) != (info["height"], info["width"]):
             raise CocoFormatError(

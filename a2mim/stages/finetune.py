@@ -106,6 +106,7 @@ def load_config(data: dict[str, Any], where: str = "config") -> FinetuneConfig:
     cfg = from_dict(FinetuneConfig, data, where)
     check_backbone(cfg.model.backbone, where)
     check_timm_optim(cfg.optim.opt, cfg.optim.layer_decay, where)
+    cfg.optim.check_schedule(cfg.epochs, where)
     if cfg.mixup.active and cfg.mixup.mode == "batch" and cfg.batch_size % 2:
         raise ConfigError(f"{where}: Mixup/CutMix in batch mode needs an even batch_size")
     if cfg.data.pipeline == "device":

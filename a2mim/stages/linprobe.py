@@ -74,7 +74,8 @@ class DataConfig(CropFlipData):
 @dataclass(frozen=True)
 class ProbeOptimConfig(EpochWarmupCosine):
     """SGD on the probe (MoCo: base lr 30 per 256 images, no weight decay), optional linear
-    warm-up, then per-iteration cosine to ``min_lr``."""
+    warm-up, then per-iteration cosine to ``min_lr`` or (``schedule: step``) x``step_gamma``
+    at each of ``step_epochs``."""
 
     base_lr: float = bounded(30.0, gt=0)
     momentum: float = bounded(0.9, ge=0, le=1)
@@ -96,6 +97,7 @@ def load_config(data: dict[str, Any], where: str = "config") -> LinprobeConfig:
     """Validate a mapping into a ``LinprobeConfig`` (unknown keys and bad values are errors)."""
     cfg = from_dict(LinprobeConfig, data, where)
     check_backbone(cfg.model.backbone, where)
+    cfg.optim.check_schedule(cfg.epochs, where)
     return cfg
 
 

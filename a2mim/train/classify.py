@@ -33,7 +33,7 @@ from a2mim.data.transforms import eval_transform
 from a2mim.train import checkpoint, engine
 from a2mim.train.distributed import broadcast_buffers, world_info
 from a2mim.train.encoder import create_classifier
-from a2mim.train.optim import OptimConfig, build_scheduler
+from a2mim.train.optim import build_epoch_scheduler
 from a2mim.train.rundir import init_tags, require_init
 from a2mim.train.sampling import EpochSampler, mix_seed
 
@@ -357,16 +357,9 @@ class ClassifyTask(engine.Task):
         return img_bchw, target_b
 
     def epoch_cosine(self):
-        """The warm-up + cosine scheduler of ``cfg.optim`` (an `EpochWarmupCosine`)."""
-        optim = self.cfg.optim
-        sched_cfg = OptimConfig(
-            warmup_epochs=optim.warmup_epochs,
-            warmup_lr=optim.warmup_lr,
-            min_lr=optim.min_lr,
-            schedule="cosine",
-        )
+        """The warm-up + cosine or step scheduler of ``cfg.optim`` (an `EpochWarmupCosine`)."""
         steps = self.steps
-        return build_scheduler(self.optimizer, sched_cfg, steps.total, steps.per_epoch)
+        return build_epoch_scheduler(self.optimizer, self.cfg.optim, steps.total, steps.per_epoch)
 
     def eval_due(self, done: int) -> bool:
         epochs, rest = divmod(done, self.steps.per_epoch)

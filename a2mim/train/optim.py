@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
@@ -105,6 +105,22 @@ def build_scheduler(
         warmup_prefix=False,
         t_in_epochs=False,
     )
+
+
+def build_epoch_scheduler(
+    optimizer: torch.optim.Optimizer, optim: Any, total_steps: int, steps_per_epoch: int
+) -> Scheduler:
+    """The scheduler of an :class:`a2mim.config.EpochWarmupCosine` (finetune, linprobe: one
+    function for both): its warm-up, cosine or step keys through :func:`build_scheduler`."""
+    sched_cfg = OptimConfig(
+        warmup_epochs=optim.warmup_epochs,
+        warmup_lr=optim.warmup_lr,
+        min_lr=optim.min_lr,
+        schedule=optim.schedule,
+        step_epochs=tuple(optim.step_epochs),
+        step_gamma=optim.step_gamma,
+    )
+    return build_scheduler(optimizer, sched_cfg, total_steps, steps_per_epoch)
 
 
 def check_timm_optim(opt: str, layer_decay: float | None, where: str) -> None:

@@ -171,3 +171,47 @@ def test_validate_root_tells_the_label_conventions_apart(tmp_path: Path) -> None
     assert validate_root(ade, num_classes=10)["values_seen"] == [0, 10]
     with pytest.raises(AdeLayoutError, match=r"values \[10\] .*set data\.num_classes"):
         validate_root(ade, num_classes=9)
+
+
+SIXTEEN_HW = np.array([[0, 257, 1000, 32768], [40000, 65279, 65535, 128]], dtype=np.uint16)
+SIXTEEN_AS_8BIT = np.array([[0, 1, 4, 128], [156, 254, 255, 0]])  # round(v / 257)
+
+
+def _write_sixteen_bit_pair(root: Path, stem: str, label_hw: np.ndarray, split: str) -> Path:
+    """A 16-bit grayscale image (real I;16 PNG) and a 16-bit label PNG holding ``label_hw``."""
+    for kind in ("images", "annotations"):
+        (root / kind / split).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(SIXTEEN_HW).save(root / "images" / split / f"{stem}.png")
+    label_path = root / "annotations" / split / f"{stem}.png"
+    Image.fromarray(label_hw.astype(np.uint16)).save(label_path)
+    with Image.open(label_path) as raw:  # really 16 bits on disk, read back as such
+        assert raw.mode.startswith("I")
+        np.testing.assert_array_equal(np.asarray(raw), label_hw)
+    return label_path
+
+
+def test_sixteen_bit_image_is_scaled_and_sixteen_bit_label_keeps_its_values(
+    tmp_path: Path,
+) -> None:
+    label_hw = np.array([[0, 1, 2, 150], [149, 5, 0, 3]])
+    for split in ("training", "validation"):
+        _write_sixteen_bit_pair(tmp_path, "deep", label_hw, split)
+    img_chw, out_hw = ADE20KSegmentation(tmp_path, "training")[0]
+    expected = torch.from_numpy(SIXTEEN_AS_8BIT).float() / 255.0
+    for channel in img_chw:  # gray to RGB, never clipped to 0/255
+        torch.testing.assert_close(channel, expected)
+    assert out_hw.tolist() == reduce_zero_label(label_hw).tolist()  # class ids, not v / 257
+    scan = validate_root(tmp_path, num_classes=150)
+    assert scan["values_seen"] == [0, 150]
+
+
+def test_sixteen_bit_label_is_checked_against_num_classes(tmp_path: Path) -> None:
+    label_hw = np.array([[0, 1, 300, 2], [2, 1, 0, 1000]])  # values an 8-bit file cannot hold
+    for split in ("training", "validation"):
+        label_path = _write_sixteen_bit_pair(tmp_path, "deep", label_hw, split)
+    dataset = ADE20KSegmentation(tmp_path, "validation")
+    with pytest.raises(ValueError, match=r"\[300, 1000\] exceed num_classes=150") as info:
+        dataset[0]
+    assert str(label_path) in str(info.value)
+    with pytest.raises(AdeLayoutError, match=r"values \[300, 1000\] .*set data\.num_classes"):
+        validate_root(tmp_path, num_classes=150)

@@ -500,3 +500,32 @@ def test_count_empty_boxes_and_polygon_targets(scene_root: Path, tmp_path: Path)
     assert polygons[0][0].dtype == np.float64
     assert "masks" not in target  # every instance has polygons: no bitmap decoded
     assert "polygons" not in _dataset(scene_root, "polygon")[0][1]
+
+
+def test_sixteen_bit_grayscale_image_is_scaled_not_clipped(tmp_path: Path) -> None:
+    values = np.array([[0, 257, 1000, 32768], [40000, 65279, 65535, 128]], dtype=np.uint16)
+    (tmp_path / "train2017").mkdir()
+    Image.fromarray(values).save(tmp_path / "train2017" / "deep.png")  # a real 16-bit PNG
+    with Image.open(tmp_path / "train2017" / "deep.png") as raw:
+        assert raw.mode.startswith("I")
+    ann = {
+        "images": [{"id": 1, "file_name": "deep.png", "width": 4, "height": 2}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [0, 0, 2, 1],
+                "area": 2,
+                "iscrowd": 0,
+                "segmentation": [[0, 0, 2, 0, 2, 1, 0, 1]],
+            }
+        ],
+        "categories": [{"id": 1, "name": "a"}],
+    }
+    ann_file = tmp_path / "instances_train2017.json"
+    ann_file.write_text(json.dumps(ann))
+    img_chw = CocoInstances(ann_file, tmp_path / "train2017").load_image(1)
+    expected = np.array([[0, 1, 4, 128], [156, 254, 255, 0]]) / 255.0  # round(v / 257)
+    for channel in img_chw:
+        np.testing.assert_allclose(channel.numpy(), expected, atol=1e-6)

@@ -24,7 +24,6 @@ from a2mim.analysis.interactions import (
 )
 from a2mim.cli import main
 from a2mim.config import ConfigError
-from a2mim.data.fashion_mnist import prepare_fashion_mnist
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import eval_transform
 from a2mim.stages import analyze, finetune, pretrain
@@ -52,10 +51,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def fmnist(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fmnist") / "fm"
-    prepare_fashion_mnist(root, train_per_class=8, val_per_class=N_VAL // 10)
-    return root
+def fmnist(fmnist_subset) -> Path:
+    return fmnist_subset(8, N_VAL // 10)  # conftest.py: made once per session
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ import torch
 import yaml
 
 from a2mim import predictions
-from a2mim.data.fashion_mnist import prepare_fashion_mnist
 from a2mim.data.imagefolder import ImageFolderDataset
 from a2mim.data.transforms import eval_transform, pretrain_transform
 from a2mim.mim import MaskedImageModel
@@ -36,10 +35,8 @@ DIST_VARS = distributed.ENV_VARS
 
 
 @pytest.fixture(scope="module")
-def fmnist(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fmnist") / "fm"
-    prepare_fashion_mnist(root, train_per_class=8, val_per_class=3)  # 80 train, 30 val
-    return root
+def fmnist(fmnist_subset) -> Path:
+    return fmnist_subset(8, 3)  # 80 train, 30 val; made once (conftest.py)
 
 
 def _free_port() -> int:

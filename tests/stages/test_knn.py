@@ -11,7 +11,6 @@ import torch
 import yaml
 
 from a2mim.cli import main
-from a2mim.data.fashion_mnist import prepare_fashion_mnist
 from a2mim.stages import knn, pretrain
 
 
@@ -24,10 +23,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def fmnist(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fmnist") / "fm"
-    prepare_fashion_mnist(root, train_per_class=4, val_per_class=2)
-    return root
+def fmnist(fmnist_subset):
+    return fmnist_subset(4, 2)  # conftest.py: made once per session
 
 
 def test_scores_match_a_naive_weighted_vote():

@@ -14,7 +14,6 @@ from PIL import Image
 
 from a2mim import predictions
 from a2mim.config import ConfigError
-from a2mim.data.fashion_mnist import prepare_fashion_mnist
 from a2mim.data.transforms import eval_transform
 from a2mim.mim import MaskedImageModel, get_preset
 from a2mim.stages import linprobe
@@ -28,13 +27,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def fmnist(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fmnist") / "fm"
-    prepare_fashion_mnist(root, train_per_class=8, val_per_class=4)
-    return root
 
 
 def _save_encoder(path, preset: str, seed: int = 0):

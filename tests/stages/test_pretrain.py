@@ -16,15 +16,12 @@ import torch
 import yaml
 
 from a2mim.config import ConfigError
-from a2mim.data.fashion_mnist import prepare_fashion_mnist
 from a2mim.stages import pretrain
 
 
 @pytest.fixture(scope="module")
-def fmnist(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fmnist") / "fm"
-    prepare_fashion_mnist(root, train_per_class=8, val_per_class=2)
-    return root
+def fmnist(fmnist_subset) -> Path:
+    return fmnist_subset(8, 2)  # conftest.py: made once per session
 
 
 def _cfg(root: Path, **top) -> dict:

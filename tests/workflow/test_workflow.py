@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import subprocess
 import sys
@@ -19,15 +20,49 @@ def test_snakemake_lint_is_clean() -> None:
     assert "Congratulations" in result.stdout + result.stderr
 
 
+PAPER_DRY_RUN = (
+    "-n", "--profile", "profiles/slurm", "--configfile", "workflow/config/paper.yaml", "all_tables",
+)  # fmt: skip
+
+
+def _paper_roots_missing() -> list[str]:
+    return [
+        name
+        for name, spec in load_config("paper")["datasets"].items()
+        if not os.path.exists(spec["root"])
+    ]
+
+
+def test_paper_dry_run_fails_listing_missing_roots_and_backend() -> None:
+    """Without the paper's datasets (and detectron2) here, even the dry run stops before
+    planning anything, naming every missing root and the backend with their fixes."""
+    missing = _paper_roots_missing()
+    d2 = importlib.util.find_spec("detectron2") is not None
+    if not missing and d2:
+        pytest.skip("this machine has the paper's datasets and detectron2")
+    result = snakemake(*PAPER_DRY_RUN, env={**os.environ, "A2MIM_PLAN_ELSEWHERE": ""})
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out[-3000:]
+    assert "Shell command: a2mim launch" not in out
+    for name in missing:
+        assert f"datasets.{name}.root: " in out and f"set datasets.{name}.root" in out, out
+    if not d2:
+        assert "detectron2 is not installed" in out
+        assert "set: {backend: torchvision}" in out
+        assert "detect.a2mim_r50_300ep" in out
+    assert "plan_elsewhere: true" in out and "A2MIM_PLAN_ELSEWHERE=1" in out  # the opt-out
+
+
 def test_paper_dry_run_with_slurm_profile_plans_every_job() -> None:
     # The exact command of the README / issue (the word after --configfile is a file too: the
-    # repository's `all_tables` shim makes it harmless).
-    result = snakemake(
-        "-n", "--profile", "profiles/slurm", "--configfile", "workflow/config/paper.yaml",
-        "all_tables",
-    )  # fmt: skip
+    # repository's `all_tables` shim makes it harmless), planning on a machine without the
+    # paper's data: the opt-out turns missing roots and backends into labelled warnings.
+    result = snakemake(*PAPER_DRY_RUN, env={**os.environ, "A2MIM_PLAN_ELSEWHERE": "1"})
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
+    for name in _paper_roots_missing():
+        assert "WARNING (plan_elsewhere: planning on a machine other than the jobs'" in out
+        assert f"datasets.{name}.root: " in out
     paper = load_config("paper")
     stats = job_stats(out)
     for stage in ("pretrain", "finetune", "linprobe", "detect", "segment"):
@@ -140,6 +175,32 @@ def test_bad_config_is_refused_naming_the_problem(tmp_path, mutate, message) -> 
     out = result.stdout + result.stderr
     assert result.returncode != 0
     assert message in out, out[-3000:]
+
+
+def test_missing_external_root_stops_dry_and_real_runs_unless_planning_elsewhere(tmp_path) -> None:
+    cfg = copy.deepcopy(load_config("tiny"))
+    missing = tmp_path / "no-such-imagenet"
+    cfg["datasets"]["fmnist"] = {"root": str(missing)}
+    path = write_config(tmp_path / "missing.yaml", cfg)
+    env = {**os.environ, "A2MIM_PLAN_ELSEWHERE": ""}
+    for dry in (["-n"], []):  # a real run stops at the same place, before any job
+        result = snakemake(*dry, "--forceall", f"--configfile={path}", "all_tables", env=env)
+        out = result.stdout + result.stderr
+        assert result.returncode != 0, out[-3000:]
+        assert f"datasets.fmnist.root: {missing} does not exist" in out, out[-3000:]
+        assert "set datasets.fmnist.root in the workflow config" in out
+        assert "pretrain.a2mim_r18" in out  # the runs it stops
+        assert "scenes" not in out.split("pre-flight found", 1)[1]  # made by a rule: exempt
+        assert "nothing was run or submitted" in out and "rule pretrain:" not in out
+    # the opt-out, as a config key: the same problem becomes a labelled warning, the plan is made
+    cfg["plan_elsewhere"] = True
+    path = write_config(tmp_path / "elsewhere.yaml", cfg)
+    result = snakemake("-n", "--forceall", f"--configfile={path}", "all_tables", env=env)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "a2mim pre-flight WARNING (plan_elsewhere" in out
+    assert f"datasets.fmnist.root: {missing} does not exist" in out
+    assert job_stats(out)["pretrain"] == len(cfg["pretrain"])
 
 
 def test_seeded_runs_get_one_job_folder_and_tag_each_and_follow_their_init(tmp_path) -> None:
@@ -264,7 +325,10 @@ def test_profile_installs_as_slurm_idempotently_and_never_over_a_foreign_one(tmp
     assert install().returncode == 0 and install().returncode == 0  # twice: idempotent
     assert sorted(p.name for p in dest.iterdir()) == [".a2mim-profile", "config.yaml"]
     assert (dest / "config.yaml").read_text() == (ROOT / "profiles/slurm/config.yaml").read_text()
-    result = snakemake("-n", "--profile", "slurm", "all_tables", env=env)
+    # (the paper matrix planned on a machine without its datasets: the pre-flight's opt-out)
+    result = snakemake(
+        "-n", "--profile", "slurm", "all_tables", env={**env, "A2MIM_PLAN_ELSEWHERE": "1"}
+    )  # fmt: skip
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     launches = [line for line in out.splitlines() if line.startswith("Shell command: a2mim launch")]
