@@ -19,6 +19,7 @@ from torch import nn
 
 from a2mim.config import OptimBase, bounded
 from a2mim.detection.backbone import vit_layer_id
+from a2mim.train.param_groups import build_param_groups
 
 
 @dataclass(frozen=True)
@@ -65,29 +66,19 @@ def param_groups(model: nn.Module, solver: SolverConfig, vit_depth: int | None) 
     ``weight_decay_norm``, embeddings and relative position biases none, the rest
     ``weight_decay``; with ``layer_decay`` (ViT of ``vit_depth`` blocks) ``lr_scale`` follows
     `a2mim.detection.backbone.vit_layer_id`."""
-    norm_params = {
-        id(p) for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)
-    }
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    seen: set[int] = set()
-    for name, param in model.named_parameters():
-        if not param.requires_grad or id(param) in seen:
-            continue
-        seen.add(id(param))
-        if id(param) in norm_params:
-            decay = solver.weight_decay_norm
-        elif name.split(".")[-1] in _NO_DECAY_NAMES:
-            decay = 0.0
-        else:
-            decay = solver.weight_decay
-        scale = 1.0
-        if solver.layer_decay is not None and vit_depth is not None:
-            scale = solver.layer_decay ** (vit_depth + 1 - vit_layer_id(name, vit_depth))
-        groups.setdefault((decay, scale), []).append(param)
-    return [
-        {"params": params, "weight_decay": decay, "lr_scale": scale}
-        for (decay, scale), params in sorted(groups.items())
-    ]
+    norm_ids = {id(p) for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)}
+    norms = {name for name, p in model.named_parameters() if id(p) in norm_ids}
+    norm_decay = {"weight_decay": solver.weight_decay_norm}
+    return build_param_groups(
+        model.named_parameters(),
+        solver.weight_decay,
+        lambda name, param: name.split(".")[-1] in _NO_DECAY_NAMES,
+        layer_of=None if vit_depth is None else lambda name: vit_layer_id(name, vit_depth),
+        num_layers=0 if vit_depth is None else vit_depth + 1,
+        layer_decay=solver.layer_decay,
+        overrides=lambda name: norm_decay if name in norms else {},
+        key=lambda slot: (slot.weight_decay, slot.lr_scale),
+    )
 
 
 def build_optimizer(

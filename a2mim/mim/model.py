@@ -31,6 +31,7 @@ from a2mim.mim.losses import (
 )
 from a2mim.mim.mask_token import MaskToken, TokenInit
 from a2mim.mim.masking import BlockMaskGenerator, FillMode, fill_masked, mask_scale, upsample_mask
+from a2mim.train.param_groups import build_param_groups
 
 
 @dataclass(frozen=True)
@@ -179,24 +180,22 @@ class MaskedImageModel(nn.Module):
         gets ``lr_scale = token_lr_scale`` (0.1 for the reference ResNet). The gamma joins the
         token's group (``gamma_group: token``) or the decayed one (``gamma_group: decay``)."""
         no_decay = {f"encoder.{n}" for n in self.adapter.no_weight_decay()}
-        groups = {
-            "decay": {"params": [], "weight_decay": weight_decay, "lr_scale": 1.0},
-            "no_decay": {"params": [], "weight_decay": 0.0, "lr_scale": 1.0},
-            "token": {"params": [], "weight_decay": 0.0, "lr_scale": self.cfg.token_lr_scale},
-        }
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
+        token = {"weight_decay": 0.0, "lr_scale": self.cfg.token_lr_scale, "name": "token"}
+        plain_gamma = {"weight_decay": weight_decay, "lr_scale": 1.0, "name": "decay"}
+
+        def override(name: str) -> dict:
             if name == "token.gamma" and self.cfg.gamma_group == "decay":
-                key = "decay"
-            elif name.startswith("token."):
-                key = "token"
-            elif name in no_decay or param.ndim <= 1:
-                key = "no_decay"
-            else:
-                key = "decay"
-            groups[key]["params"].append(param)
-        return [dict(g, name=k) for k, g in groups.items() if g["params"]]
+                return plain_gamma
+            return token if name.startswith("token.") else {}
+
+        return build_param_groups(
+            self.named_parameters(),
+            weight_decay,
+            lambda name, param: name in no_decay or param.ndim <= 1,
+            overrides=override,
+            key=lambda slot: ("decay", "no_decay", "token").index(slot.name),
+            label=True,
+        )
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """Plain timm-keyed weights of the encoder alone (no token, no decoder)."""

@@ -36,7 +36,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
-from timm.models import group_parameters
 from torch import nn
 from transformers import UperNetConfig
 from transformers.models.upernet.modeling_upernet import UperNetFCNHead, UperNetHead
@@ -44,6 +43,7 @@ from transformers.models.upernet.modeling_upernet import UperNetFCNHead, UperNet
 from a2mim.models.beit_transfer import is_beit, resize_state_to
 from a2mim.train import checkpoint
 from a2mim.train.encoder import create_classifier, load_encoder
+from a2mim.train.param_groups import build_param_groups, timm_layer_ids
 
 __all__ = [
     "SimplePyramid",
@@ -154,11 +154,7 @@ class UperNetSegmenter(nn.Module):
         self.fixed_size: int | None = None
         if is_beit(backbone):
             self.fixed_size = int(backbone.patch_embed.img_size[0])
-        if hasattr(backbone, "group_matcher"):
-            matcher = backbone.group_matcher(coarse=False)
-            self.layer_ids: dict[str, int] = group_parameters(backbone, matcher, reverse=True)
-        else:
-            self.layer_ids = {}
+        self.layer_ids: dict[str, int] = timm_layer_ids(backbone)
         self.top_layer = max(self.layer_ids.values(), default=-1) + 1
         no_decay = getattr(backbone, "no_weight_decay", None)
         self.no_decay_names: set[str] = set(no_decay()) if callable(no_decay) else set()
@@ -312,24 +308,28 @@ def param_groups(
             f"layer_decay needs an encoder with timm's group_matcher(); "
             f"{type(model.backbone).__name__} has none: set optim.layer_decay to null"
         )
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        sub = name[len("backbone.") :] if name.startswith("backbone.") else None
-        no_decay = param.ndim <= 1 or (
+
+    def encoder_name(name: str) -> str | None:
+        return name[len("backbone.") :] if name.startswith("backbone.") else None
+
+    def no_decay(name: str, param: nn.Parameter) -> bool:
+        sub = encoder_name(name)
+        return param.ndim <= 1 or (
             sub is not None and any(fnmatch.fnmatch(sub, pat) for pat in model.no_decay_names)
         )
-        layer = model.top_layer
-        if sub is not None and layer_decay is not None:
-            layer = model.layer_ids.get(sub, model.top_layer)
-        scale = 1.0 if layer_decay is None else layer_decay ** (model.top_layer - layer)
-        group = groups.setdefault(
-            (layer, no_decay),
-            {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale},
-        )
-        group["params"].append(param)
-    return [groups[key] for key in sorted(groups)]
+
+    def layer_of(name: str) -> int:
+        sub = encoder_name(name)
+        return model.top_layer if sub is None else model.layer_ids.get(sub, model.top_layer)
+
+    return build_param_groups(
+        model.named_parameters(),
+        weight_decay,
+        no_decay,
+        layer_of=layer_of,
+        num_layers=model.top_layer,
+        layer_decay=layer_decay,
+    )
 
 
 def whole_logits(model: nn.Module, img_bchw: torch.Tensor) -> torch.Tensor:
