@@ -112,6 +112,42 @@ def test_beit_encoder_into_the_detection_body(beit_pt):
     fresh.load_state_dict(body.state_dict(), strict=True)
 
 
+def test_beit_encoder_into_the_detectron2_backend(beit_pt):
+    """The detectron2 backend builds the same BEiT body, loads the encoder strictly and trains."""
+    pytest.importorskip("detectron2")
+    from a2mim.detection.detectron2_backend import Detectron2MaskRCNN
+    from a2mim.detection.spec import Input
+
+    spec = DetectorSpec(
+        backbone=BEIT,
+        backbone_kwargs=TINY,
+        img_size=224,
+        arch="sfp",
+        window_size=14,
+        global_blocks=(1, 3),
+        rel_pos_bias=True,
+    )
+    inputs = Input(min_size_train=(224,), max_size_train=320, min_size_test=224, max_size_test=320)
+    torch.manual_seed(0)
+    model = Detectron2MaskRCNN(spec, inputs, 3, str(beit_pt))
+    assert isinstance(model.net.backbone.a2mim_body, BeitBody)
+    saved = torch.load(beit_pt, weights_only=True)["state_dict"]
+    assert model.init_report["loaded"] == len(saved)
+    masks = torch.zeros(1, 224, 288, dtype=torch.uint8)
+    masks[0, 40:160, 60:200] = 1
+    target = {
+        "boxes": torch.tensor([[60.0, 40.0, 200.0, 160.0]]),
+        "labels": torch.tensor([2]),
+        "masks": masks,
+    }
+    losses = model.train()([torch.rand(3, 224, 288)], [target])
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    preds = model.eval()([torch.rand(3, 224, 288)])
+    assert preds[0]["boxes"].dtype == torch.float32
+
+
 def test_detection_body_without_relative_bias_drops_the_tables(beit_pt):
     spec = DetectorSpec(
         backbone=BEIT, backbone_kwargs=TINY, arch="sfp", window_size=14, rel_pos_bias=False
