@@ -197,3 +197,26 @@ def test_check_of_a_missing_root_is_an_error_unless_planning_elsewhere(tmp_path)
     result = subprocess.run([*A2MIM, *argv], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert "WARNING (plan_elsewhere" in result.stderr and "does not exist" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("stage", "recipe", "key"),
+    [
+        ("pretrain", "tiny", "epochs=0"),
+        ("pretrain", "tiny", "epochs=-1"),
+        ("pretrain", "tiny", "batch_size=0"),
+        ("pretrain", "tiny", "accum_steps=0"),
+        ("pretrain", "tiny", "ckpt_every_steps=0"),
+        ("pretrain", "tiny", "log_every_steps=0"),
+        ("finetune", "tiny", "epochs=0"),
+        ("linprobe", "tiny", "batch_size=0"),
+    ],
+)
+def test_zero_counts_exit_2_naming_the_key_and_range_and_write_nothing(
+    stage, recipe, key, tmp_path
+):
+    out = tmp_path / "run"
+    name, value = key.split("=")
+    result = _a2mim(stage, "--config", recipe, "--out", str(out), "--set", key)
+    _refused(result, f"{name}: {value} is out of range; allowed: >= 1")
+    assert not out.exists()
