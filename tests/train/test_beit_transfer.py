@@ -37,6 +37,17 @@ TINY = {
     "mlp_ratio": 2.0,
 }
 
+# a ViTDet-style detector on the tiny BEiT: windowed blocks 0 and 2, global blocks 1 and 3
+SFP = DetectorSpec(
+    backbone=BEIT,
+    backbone_kwargs=TINY,
+    img_size=224,
+    arch="sfp",
+    window_size=14,
+    global_blocks=(1, 3),
+    rel_pos_bias=True,
+)
+
 
 def _save(path: Path, backbone: str, kwargs: dict, img_size: int = 224) -> Path:
     torch.manual_seed(0)
@@ -79,15 +90,7 @@ def test_pos_embed_resample_is_identity_at_the_same_grid():
 
 
 def test_beit_encoder_into_the_detection_body(beit_pt):
-    spec = DetectorSpec(
-        backbone=BEIT,
-        backbone_kwargs=TINY,
-        img_size=224,
-        arch="sfp",
-        window_size=14,
-        global_blocks=(1, 3),
-        rel_pos_bias=True,
-    )
+    spec = SFP
     body, report = build_body(spec, str(beit_pt), max_side=320)
     assert isinstance(body, BeitBody)
     saved = torch.load(beit_pt, weights_only=True)["state_dict"]
@@ -118,15 +121,7 @@ def test_beit_encoder_into_the_detectron2_backend(beit_pt):
     from a2mim.detection.detectron2_backend import Detectron2MaskRCNN
     from a2mim.detection.spec import Input
 
-    spec = DetectorSpec(
-        backbone=BEIT,
-        backbone_kwargs=TINY,
-        img_size=224,
-        arch="sfp",
-        window_size=14,
-        global_blocks=(1, 3),
-        rel_pos_bias=True,
-    )
+    spec = SFP
     inputs = Input(min_size_train=(224,), max_size_train=320, min_size_test=224, max_size_test=320)
     torch.manual_seed(0)
     model = Detectron2MaskRCNN(spec, inputs, 3, str(beit_pt))
