@@ -49,6 +49,10 @@ PLAN_ELSEWHERE_LABEL = (
     "a2mim pre-flight WARNING (plan_elsewhere: planning on a machine other than the jobs'; "
     "they fail there unless it has this)"
 )
+DRY_RUN_LABEL = (
+    "a2mim pre-flight WARNING (dry run: a real run on this machine stops here, before it "
+    "submits anything)"
+)
 
 
 def plan_elsewhere(config: Mapping[str, Any] | None = None) -> bool:
@@ -336,6 +340,7 @@ def _expected(layout: str, root: Path, data: Any) -> list[Path]:
 
 
 __all__ = [
+    "DRY_RUN_LABEL",
     "PLAN_ELSEWHERE_ENV",
     "NotInstalledError",
     "PreflightError",

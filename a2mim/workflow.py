@@ -351,19 +351,21 @@ class Matrix:
 
     # -- pre-flight ------------------------------------------------------------------------
 
-    def preflight(self, cache: Path | None = PREFLIGHT_CACHE) -> list[str]:
+    def preflight(self, dry_run: bool = False, cache: Path | None = PREFLIGHT_CACHE) -> list[str]:
         """Resolve and validate every run's stage command as its job will (recipe, sets, keys,
         types, ranges, backend, backbone, dataset layout), so that ``snakemake -n`` already
         fails on what would fail in a job; every problem of every run is listed at once (one
         line per problem, with the runs it stops), then nothing is run or submitted.
 
-        Dry runs and real runs check alike. A backend that is not installed here and an
-        external dataset root (``datasets.<name>.root``) that does not exist here are errors,
-        unless the config says ``plan_elsewhere: true`` (or ``A2MIM_PLAN_ELSEWHERE=1``: planning
-        on a machine other than the jobs', e.g. a login node without the data), which turns
-        exactly those into labelled warnings (returned and printed) and passes the setting on to
-        the launchers' own checks. A dataset a rule of the DAG makes is exempt until made; a
-        root that exists with the wrong layout is always an error.
+        A backend that is not installed here and an external dataset root
+        (``datasets.<name>.root``) that does not exist here stop a real run, unless the config
+        says ``plan_elsewhere: true`` (or ``A2MIM_PLAN_ELSEWHERE=1``: planning on a machine other
+        than the jobs', e.g. a login node without the data), which turns exactly those into
+        labelled warnings (returned and printed) and passes the setting on to the launchers' own
+        checks. A dry run (``dry_run``: ``snakemake -n``, which plans and submits nothing) prints
+        those two as warnings saying that a real run here would stop; every other problem stops
+        it as it stops a real run. A dataset a rule of the DAG makes is exempt until made; a root
+        that exists with the wrong layout is always an error.
 
         Checking imports every stage's module (torch, timm, torchmetrics: seconds each), so a
         passed check is remembered in ``cache`` (Snakemake's own ``.snakemake/`` folder), keyed
@@ -376,6 +378,8 @@ class Matrix:
         elsewhere = preflight.plan_elsewhere(self.config)
         if elsewhere:  # `a2mim launch` checks again before it submits: same opt-out there
             os.environ[preflight.PLAN_ELSEWHERE_ENV] = "1"
+        label = preflight.PLAN_ELSEWHERE_LABEL if elsewhere else preflight.DRY_RUN_LABEL
+        elsewhere = elsewhere or dry_run  # machine-dependent checks warn (nothing is submitted)
         todo = [
             (
                 f"{stage}.{name}",
@@ -431,7 +435,7 @@ class Matrix:
                 warnings.setdefault(text, []).append(where)
         for text, runs in warnings.items():
             where = f" for {', '.join(runs)}" if runs else ""
-            print(f"{preflight.PLAN_ELSEWHERE_LABEL}{where}: {text}", file=sys.stderr)
+            print(f"{label}{where}: {text}", file=sys.stderr)
         if errors:
             lines = [
                 f"- {', '.join(runs)}: {text}" if runs else f"- {text}"

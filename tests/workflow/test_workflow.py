@@ -33,17 +33,26 @@ def _paper_roots_missing() -> list[str]:
     ]
 
 
-def test_paper_dry_run_fails_listing_missing_roots_and_backend() -> None:
-    """Without the paper's datasets (and detectron2) here, even the dry run stops before
-    planning anything, naming every missing root and the backend with their fixes."""
+def test_paper_run_stops_before_submitting_listing_missing_roots_and_backend() -> None:
+    """Without the paper's datasets (and detectron2) here, the dry run plans every job and warns
+    about each missing root and the backend; the real run stops before submitting anything,
+    naming every missing root and the backend with their fixes."""
     missing = _paper_roots_missing()
     d2 = importlib.util.find_spec("detectron2") is not None
     if not missing and d2:
         pytest.skip("this machine has the paper's datasets and detectron2")
-    result = snakemake(*PAPER_DRY_RUN, env={**os.environ, "A2MIM_PLAN_ELSEWHERE": ""})
-    out = result.stdout + result.stderr
-    assert result.returncode != 0, out[-3000:]
-    assert "Shell command: a2mim launch" not in out
+    env = {**os.environ, "A2MIM_PLAN_ELSEWHERE": ""}
+    dry = snakemake(*PAPER_DRY_RUN, env=env)
+    out = dry.stdout + dry.stderr
+    assert dry.returncode == 0, out[-3000:]
+    assert "a2mim pre-flight WARNING (dry run: a real run on this machine stops here" in out
+    for name in missing:
+        assert f"datasets.{name}.root: " in out, out[-3000:]
+    real = snakemake(*PAPER_DRY_RUN[1:], env=env)  # the same command without -n
+    out = real.stdout + real.stderr
+    assert real.returncode != 0, out[-3000:]
+    assert "nothing was run or submitted" in out and "Shell command: a2mim launch" not in out
+    assert "Submitted" not in out and "rule pretrain:" not in out
     for name in missing:
         assert f"datasets.{name}.root: " in out and f"set datasets.{name}.root" in out, out
     if not d2:
@@ -177,21 +186,27 @@ def test_bad_config_is_refused_naming_the_problem(tmp_path, mutate, message) -> 
     assert message in out, out[-3000:]
 
 
-def test_missing_external_root_stops_dry_and_real_runs_unless_planning_elsewhere(tmp_path) -> None:
+def test_missing_external_root_stops_a_real_run_and_warns_in_a_dry_run(tmp_path) -> None:
     cfg = copy.deepcopy(load_config("tiny"))
     missing = tmp_path / "no-such-imagenet"
     cfg["datasets"]["fmnist"] = {"root": str(missing)}
     path = write_config(tmp_path / "missing.yaml", cfg)
     env = {**os.environ, "A2MIM_PLAN_ELSEWHERE": ""}
-    for dry in (["-n"], []):  # a real run stops at the same place, before any job
-        result = snakemake(*dry, "--forceall", f"--configfile={path}", "all_tables", env=env)
-        out = result.stdout + result.stderr
-        assert result.returncode != 0, out[-3000:]
-        assert f"datasets.fmnist.root: {missing} does not exist" in out, out[-3000:]
-        assert "set datasets.fmnist.root in the workflow config" in out
-        assert "pretrain.a2mim_r18" in out  # the runs it stops
-        assert "scenes" not in out.split("pre-flight found", 1)[1]  # made by a rule: exempt
-        assert "nothing was run or submitted" in out and "rule pretrain:" not in out
+    # a dry run plans and says that a real run here would stop
+    result = snakemake("-n", "--forceall", f"--configfile={path}", "all_tables", env=env)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "a2mim pre-flight WARNING (dry run: a real run on this machine stops here" in out
+    assert f"datasets.fmnist.root: {missing} does not exist" in out, out[-3000:]
+    # the real run stops before any job
+    result = snakemake("--forceall", f"--configfile={path}", "all_tables", env=env)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out[-3000:]
+    assert f"datasets.fmnist.root: {missing} does not exist" in out, out[-3000:]
+    assert "set datasets.fmnist.root in the workflow config" in out
+    assert "pretrain.a2mim_r18" in out  # the runs it stops
+    assert "scenes" not in out.split("pre-flight found", 1)[1]  # made by a rule: exempt
+    assert "nothing was run or submitted" in out and "rule pretrain:" not in out
     # the opt-out, as a config key: the same problem becomes a labelled warning, the plan is made
     cfg["plan_elsewhere"] = True
     path = write_config(tmp_path / "elsewhere.yaml", cfg)

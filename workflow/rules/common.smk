@@ -6,7 +6,7 @@ from a2mim.workflow import FIGURES, STAGES, TABLES, Matrix, expose_cli, name_pat
 
 expose_cli()
 M = Matrix(config)
-M.preflight()  # every run's stage command resolves and validates; dry runs check alike
+M.preflight(dry_run=workflow.output_settings.dryrun)  # every run's stage command resolves and validates
 RESULTS = M.results
 EXPERIMENT = M.experiment
 M.check_chains()  # each run's backbone family is the one its init run trains (BEiT vs plain ViT)
