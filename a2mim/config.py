@@ -121,6 +121,15 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class EpochRunConfig(RunConfig):
+    """The run-control keys of a stage that trains in epochs over an image folder (pretrain,
+    finetune, linprobe): ``channels_last`` puts the model and its input batches in NHWC."""
+
+    epochs: int = bounded(100, ge=1)
+    channels_last: bool = False
+
+
+@dataclass(frozen=True)
 class TransferRunConfig(RunConfig):
     """The run-control keys of a stage that starts from a checkpoint: ``init`` is the
     ``encoder.pt`` of a pretrain run or the ``model.pt`` of a finetune run (a supervised
@@ -357,6 +366,7 @@ def _type_name(tp: Any) -> str:
 __all__ = [
     "ConfigError",
     "CropFlipData",
+    "EpochRunConfig",
     "EpochWarmupCosine",
     "ImageFolderData",
     "OptimBase",

@@ -113,6 +113,10 @@ log_ = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DetectConfig(TransferRunConfig):
+    """A detect YAML: the ``model`` (a detector spec), ``input`` (resize), ``data`` and
+    ``solver`` sections, the ``backend`` and the run-control keys of
+    :class:`~a2mim.config.TransferRunConfig`, with detectron2's defaults."""
+
     model: DetectorSpec = field(default_factory=DetectorSpec)
     input: Input = field(default_factory=Input)
     data: DataConfig = field(default_factory=DataConfig)

@@ -39,7 +39,14 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from a2mim import predictions
-from a2mim.config import ConfigError, EncoderConfig, TransferRunConfig, bounded, from_dict
+from a2mim.config import (
+    ConfigError,
+    EncoderConfig,
+    EpochRunConfig,
+    TransferRunConfig,
+    bounded,
+    from_dict,
+)
 from a2mim.data.device_pipeline import DeviceAugment, EncodedImages, check_supported
 from a2mim.train import checkpoint, engine
 from a2mim.train.classify import AugmentedDataset, ClassifyTask, rng_scope
@@ -87,17 +94,19 @@ class ModelConfig(EncoderConfig):
 
 
 @dataclass(frozen=True)
-class FinetuneConfig(TransferRunConfig):
+class FinetuneConfig(TransferRunConfig, EpochRunConfig):
+    """A finetune YAML: the ``model``, ``data``, ``mixup``, ``loss`` and ``optim`` sections, the
+    weights' EMA (``ema_decay``: timm's ``ModelEmaV3``, evaluated beside the model; null: none)
+    and the run-control keys of :class:`~a2mim.config.EpochRunConfig` and ``init``."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mixup: MixupConfig = field(default_factory=MixupConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
-    epochs: int = bounded(100, ge=1)
-    batch_size: int = bounded(256, ge=1)  # per process and micro-step
-    channels_last: bool = False
     ema_decay: float | None = bounded(None, gt=0, lt=1)
     ema_warmup: bool = False
+    batch_size: int = bounded(256, ge=1)  # per process and micro-step
     eval_every_epochs: int = bounded(1, ge=1)
 
 

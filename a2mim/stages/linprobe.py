@@ -32,6 +32,7 @@ from a2mim import predictions
 from a2mim.config import (
     CropFlipData,
     EncoderConfig,
+    EpochRunConfig,
     EpochWarmupCosine,
     TransferRunConfig,
     bounded,
@@ -83,13 +84,15 @@ class ProbeOptimConfig(EpochWarmupCosine):
 
 
 @dataclass(frozen=True)
-class LinprobeConfig(TransferRunConfig):
+class LinprobeConfig(TransferRunConfig, EpochRunConfig):
+    """A linprobe YAML: the ``model`` (the frozen encoder and the probe), ``data`` and
+    ``optim`` sections and the run-control keys of :class:`~a2mim.config.EpochRunConfig` and
+    ``init``."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: ProbeOptimConfig = field(default_factory=ProbeOptimConfig)
-    epochs: int = bounded(100, ge=1)
     batch_size: int = bounded(256, ge=1)  # per process
-    channels_last: bool = False
     eval_every_epochs: int = bounded(1, ge=1)
 
 

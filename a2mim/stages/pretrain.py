@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from a2mim.analysis.reconstruction import figure_batch, save_training_figure
-from a2mim.config import ConfigError, CropFlipData, RunConfig, bounded, from_dict, to_dict
+from a2mim.config import ConfigError, CropFlipData, EpochRunConfig, bounded, from_dict, to_dict
 from a2mim.data.device_pipeline import (
     CropRecipe,
     DeviceAugment,
@@ -69,12 +69,14 @@ class DataConfig(CropFlipData):
 
 
 @dataclass(frozen=True)
-class PretrainConfig(RunConfig):
+class PretrainConfig(EpochRunConfig):
+    """A pretrain YAML: the ``model`` (a preset and its overrides), ``data``, ``optim``
+    sections, the run-control keys of :class:`~a2mim.config.EpochRunConfig`, and the
+    reconstruction figures and k-NN monitor below."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    epochs: int = bounded(100, ge=1)
-    channels_last: bool = False
     sync_bn: bool = False  # BatchNorm -> SyncBatchNorm across processes (CUDA/NCCL only)
     figure_every_epochs: int = bounded(1, ge=1)
     figure_images: int = bounded(8, ge=1)

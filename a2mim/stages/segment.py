@@ -102,6 +102,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SegmentConfig(TransferRunConfig):
+    """A segment YAML: the ``model`` (encoder and UperNet head), ``data``, ``eval``, ``loss``
+    and ``optim`` sections, the iteration count (``iters``) and the run-control keys of
+    :class:`~a2mim.config.TransferRunConfig`, with mmseg's defaults."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
