@@ -16,7 +16,7 @@ from a2mim.train import checkpoint
 from a2mim.train.classify import load_classifier
 from a2mim.train.encoder import create_classifier, file_sha256
 from a2mim.train.rundir import read_run
-from a2mim.train.sampling import mix_seed
+from a2mim.train.sampling import mix_seed, seed_cpu
 
 _ACCEPTED: dict[str, tuple[str, ...]] = {
     "figure1": ("finetune", "linprobe"),
@@ -172,7 +172,7 @@ def build_classifier(info: RunInfo, seed: int) -> nn.Module:
     """The classifier of a finetune/linprobe run, or a random-init one (seeded) like it."""
     if info.stage == RANDOM:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(seed, 5))
+            seed_cpu(mix_seed(seed, 5))
             model = create_classifier(
                 info.backbone,
                 info.num_classes or 0,

@@ -35,7 +35,7 @@ from a2mim.train.distributed import broadcast_buffers, world_info
 from a2mim.train.encoder import create_classifier
 from a2mim.train.optim import build_epoch_scheduler
 from a2mim.train.rundir import init_tags, require_init
-from a2mim.train.sampling import EpochSampler, mix_seed
+from a2mim.train.sampling import EpochSampler, mix_seed, seed_cpu
 
 __all__ = [
     "AugSampler",
@@ -57,7 +57,7 @@ def rng_scope(seed: int) -> Iterator[None]:
     all three afterwards, so the code outside sees no change."""
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        seed_cpu(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         try:
@@ -77,20 +77,12 @@ class AugSampler(EpochSampler):
     ``usable`` and rank ``r`` of ``world_size`` takes every ``world_size``-th key from ``r``.
     """
 
-    def __init__(
-        self,
-        num_samples: int,
-        seed: int,
-        epoch: int,
-        repeats: int = 1,
-        start: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        usable: int | None = None,
-    ):
+    def __init__(self, *args: Any, repeats: int = 1, **kwargs: Any):
+        """``args``/``kwargs``: :class:`EpochSampler`'s (``num_samples, seed, epoch, start,
+        rank, world_size, usable``)."""
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
-        super().__init__(num_samples, seed, epoch, start, rank, world_size, usable)
+        super().__init__(*args, **kwargs)
         self.repeats = repeats
 
     def keys(self) -> list[tuple[int, int, int]]:

@@ -21,11 +21,17 @@ from a2mim.data.transforms import eval_transform
 from a2mim.mim import MaskedImageModel, get_preset
 from a2mim.stages import finetune, pretrain
 from a2mim.train import checkpoint
-from a2mim.train.classify import AugSampler, load_classifier, rng_scope, topk_correct
+from a2mim.train.classify import (
+    AugmentedDataset,
+    AugSampler,
+    load_classifier,
+    rng_scope,
+    topk_correct,
+)
 from a2mim.train.encoder import create_classifier, load_encoder
 from a2mim.train.optim import OptimConfig, build_scheduler
 from a2mim.train.rundir import init_tags
-from a2mim.train.sampling import EpochSampler
+from a2mim.train.sampling import EpochSampler, SeededDataset, mix_seed
 
 VIT = get_preset("a2mim_vit_tiny")  # vit_tiny_patch16_224, patch 4, depth 6, 32 px
 
@@ -442,6 +448,30 @@ def test_rng_scope_is_reproducible_and_leaves_global_state_alone():
     with rng_scope(43):
         assert draws() != first
     assert draws() == expected_after
+
+
+def test_per_sample_seeding_seeds_only_the_cpu_generator(monkeypatch):
+    """``torch.manual_seed`` would also seed every CUDA device: under the training step on a GPU
+    (the generator of its dropout and drop path), or, before CUDA starts, lazily with a stack
+    trace recorded per call (0.1-0.5 ms a sample). The per-sample scopes seed the CPU alone,
+    with the same CPU stream."""
+    cuda_seeds: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", cuda_seeds.append)
+    data = [(torch.zeros(1), 0)] * 4
+    sets = [
+        AugmentedDataset(data, lambda x: x + torch.rand(1), seed=3),
+        SeededDataset(data, lambda x: x + torch.rand(1), seed=3),
+    ]
+    with rng_scope(7):
+        scoped = torch.rand(3)
+    drawn = [sets[0][(0, 0, 1)][0], sets[1][(0, 1)][0]]
+    assert cuda_seeds == []
+    torch.manual_seed(7)
+    assert torch.equal(scoped, torch.rand(3))
+    torch.manual_seed(mix_seed(3, 0, 0, 1))
+    assert torch.equal(drawn[0], torch.rand(1))
+    torch.manual_seed(mix_seed(3, 0, 1))
+    assert torch.equal(drawn[1], torch.rand(1))
 
 
 def test_randaugment_posterize_at_full_magnitude_works_on_any_pillow(fmnist):
