@@ -338,7 +338,7 @@ class Matrix:
     def launch_args(self, stage: str, name: str) -> str:
         """``a2mim launch`` options: executor, the target's job folder and its resources."""
         res = self.resources(stage, name)
-        args = ["--cluster", self.launcher]
+        args = ["--cluster", self.launcher, "--preflighted"]  # common.smk runs `preflight`
         args += ["--job-dir", f"{self.results}/jobs/{stage}/{name}"]
         args += ["--name", f"a2mim-{self.experiment}-{stage}-{name}"]
         for key, value in res.as_dict().items():

@@ -81,6 +81,75 @@ def test_config_error_exits_2_before_anything_is_submitted(fmnist, tmp_path):
     assert not jobs.exists()
 
 
+def test_preflighted_local_job_checks_itself_and_slurm_is_always_checked_first(
+    fmnist, tmp_path, monkeypatch
+):
+    # the workflow's rules pass --preflighted: a local job starts at once and its stage checks
+    # the command first, so the error still names the key, with exit 1 and no run folder
+    cfg = _config(tmp_path, fmnist, epoch=1)  # typo of epochs
+    out = tmp_path / "o"
+    result = _launch(
+        "--preflighted", "--job-dir", str(tmp_path / "jobs"), "--",
+        "pretrain", "--config", str(cfg), "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "submitted job" in result.stdout and "did you mean 'epochs'" in result.stderr
+    assert not out.exists()
+
+    # in process: which executors skip the launcher's own check when the workflow checked
+    from a2mim import launch
+
+    class Submitted(Exception):
+        pass
+
+    checked: list[str] = []
+
+    def check(argv):
+        checked.append(argv[0])
+        raise launch.LaunchError("checked")
+
+    def prepare(job_dir):
+        raise Submitted
+
+    monkeypatch.setattr(launch, "preflight", check)
+    monkeypatch.setattr(launch, "prepare_job_dir", prepare)
+    argv = ["pretrain", "--config", str(cfg), "--out", str(out)]
+    for cluster, preflighted, outcome in [
+        ("slurm", True, launch.LaunchError),  # queued for hours: the launcher checks first
+        ("slurm", False, launch.LaunchError),
+        ("local", False, launch.LaunchError),  # `a2mim launch` by hand: checked first
+        ("local", True, Submitted),
+        ("debug", True, Submitted),
+    ]:
+        job = launch.LaunchConfig(tmp_path / "j", cluster=cluster, preflighted=preflighted)
+        with pytest.raises(outcome):
+            launch.launch(job, argv)
+    assert checked == ["pretrain"] * 3
+
+
+def test_job_process_ends_without_teardown_only_after_its_result(tmp_path):
+    # the exit a finished job registers: no result file -> the normal exit (its error code)
+    from a2mim.launch import _exit_after_result
+
+    assert _exit_after_result(tmp_path / "missing_result.pkl") is None
+    script = (
+        "import atexit, sys, logging; from pathlib import Path; import torch\n"
+        "from a2mim.launch import _exit_after_result\n"
+        "logging.basicConfig(stream=sys.stdout); logging.getLogger().warning('log line')\n"
+        "result = Path(sys.argv[1]); result.write_text('x') if sys.argv[2] == 'ok' else None\n"
+        "atexit.register(_exit_after_result, result)\n"
+        "sys.stdout.write('unflushed'); sys.exit(int(sys.argv[3]))\n"
+    )
+    for written, code, expected in [("ok", 0, 0), ("ok", 3, 0), ("missing", 3, 3)]:
+        proc = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / f"r{code}{written}"), written, str(code)],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == expected, proc.stderr
+        assert "log line" in proc.stdout and "unflushed" in proc.stdout  # nothing lost
+
+
 def test_crashing_job_exits_1_with_its_stderr_tail_and_log_paths(tmp_path):
     empty = tmp_path / "no-images"  # the layout passes the pre-flight; the job finds no image
     for split in ("train", "val"):
