@@ -19,6 +19,7 @@ from torch import nn
 
 from a2mim.config import OptimBase, bounded
 from a2mim.detection.backbone import vit_layer_id
+from a2mim.train.optim import fused_kwargs
 from a2mim.train.param_groups import build_param_groups
 
 
@@ -84,12 +85,12 @@ def param_groups(model: nn.Module, solver: SolverConfig, vit_depth: int | None) 
 def build_optimizer(
     model: nn.Module, solver: SolverConfig, lr: float, vit_depth: int | None = None
 ) -> torch.optim.Optimizer:
-    """SGD (momentum) or AdamW over `param_groups`; each group's lr is set per step by the
+    """SGD (momentum) or AdamW (fused: `a2mim.train.optim.FUSED_OPTIMIZERS`) over `param_groups`; each group's lr is set per step by the
     stage as ``lr * lr_scale * lr_factor(step)``."""
     groups = [{**g, "lr": lr * g["lr_scale"]} for g in param_groups(model, solver, vit_depth)]
     if solver.opt == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=solver.momentum)
-    return torch.optim.AdamW(groups, lr=lr, betas=solver.betas)
+    return torch.optim.AdamW(groups, lr=lr, betas=solver.betas, **fused_kwargs("adamw"))
 
 
 class WarmupMultiStep:

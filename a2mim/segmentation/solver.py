@@ -11,6 +11,7 @@ from timm.scheduler import PolyLRScheduler
 
 from a2mim.config import OptimBase, bounded
 from a2mim.models.upernet import UperNetSegmenter, param_groups
+from a2mim.train.optim import fused_kwargs
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,8 @@ class SegmentOptimConfig(OptimBase):
 def build_optimizer(
     model: UperNetSegmenter, cfg: SegmentOptimConfig, lr: float
 ) -> torch.optim.Optimizer:
-    """timm's optimizer over the weight-decay / layer-decay groups of `param_groups`."""
+    """timm's optimizer over the weight-decay / layer-decay groups of `param_groups` (torch's
+    fused kernel where it has one: `a2mim.train.optim.FUSED_OPTIMIZERS`)."""
     extra: dict[str, Any] = {}
     if cfg.betas is not None and cfg.opt.lower() not in ("sgd", "momentum", "nesterov"):
         extra["betas"] = cfg.betas
@@ -48,6 +50,7 @@ def build_optimizer(
         weight_decay=cfg.weight_decay,
         momentum=cfg.momentum,
         **extra,
+        **fused_kwargs(cfg.opt),
     )
 
 

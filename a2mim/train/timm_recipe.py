@@ -17,6 +17,7 @@ from torch import nn
 from a2mim.config import EpochWarmupCosine, ImageFolderData, bounded
 from a2mim.data.device_pipeline import CropRecipe
 from a2mim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from a2mim.train.optim import fused_kwargs
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,8 @@ class FinetuneOptimConfig(EpochWarmupCosine):
 def build_optimizer(model: nn.Module, cfg: FinetuneOptimConfig, lr: float) -> torch.optim.Optimizer:
     """timm's optimizer over ``model``'s parameter groups (weight-decay split, and layer-wise
     lr decay groups carrying ``lr_scale`` when ``cfg.layer_decay`` is set; the scheduler
-    multiplies each group's lr by its ``lr_scale``)."""
+    multiplies each group's lr by its ``lr_scale``); torch's fused kernel where it has one
+    (`a2mim.train.optim.FUSED_OPTIMIZERS`)."""
     extra: dict[str, Any] = {}
     if cfg.betas is not None:
         extra["betas"] = cfg.betas
@@ -166,6 +168,7 @@ def build_optimizer(model: nn.Module, cfg: FinetuneOptimConfig, lr: float) -> to
         momentum=cfg.momentum,
         layer_decay=cfg.layer_decay,
         **extra,
+        **fused_kwargs(cfg.opt),
     )
 
 
