@@ -85,8 +85,9 @@ def param_groups(model: nn.Module, solver: SolverConfig, vit_depth: int | None) 
 def build_optimizer(
     model: nn.Module, solver: SolverConfig, lr: float, vit_depth: int | None = None
 ) -> torch.optim.Optimizer:
-    """SGD (momentum) or AdamW (fused: `a2mim.train.optim.FUSED_OPTIMIZERS`) over `param_groups`; each group's lr is set per step by the
-    stage as ``lr * lr_scale * lr_factor(step)``."""
+    """SGD (momentum) or AdamW (fused: `a2mim.train.optim.FUSED_OPTIMIZERS`) over
+    `param_groups`; each group's lr is set per step by the stage as
+    ``lr * lr_scale * lr_factor(step)``."""
     groups = [{**g, "lr": lr * g["lr_scale"]} for g in param_groups(model, solver, vit_depth)]
     if solver.opt == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=solver.momentum)
